@@ -1,0 +1,18 @@
+# ctrace: causal circuit tracing in single-cell foundation models.
+# Usage: snakemake --cores 2            (demo, one machine)
+#        snakemake --profile profiles/slurm   (a Slurm cluster)
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/activations.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        get_final_outputs(),

@@ -1,0 +1,241 @@
+"""`ctrace` command line: one sub-command per workflow step. Rules call these; they call the library.
+
+Input errors (CtraceInputError) are printed as one clear message with exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ctrace.errors import CtraceInputError
+
+log = logging.getLogger("ctrace")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared by sub-commands
+def _load_backend(args):
+    from ctrace.device import resolve_device, resolve_dtype
+    from ctrace.models import load_backend
+
+    device = resolve_device(args.device)
+    return load_backend(
+        args.kind,
+        args.checkpoint,
+        getattr(args, "dictionaries", None),
+        version=getattr(args, "version", "V2"),
+        device=device,
+        dtype=resolve_dtype(args.dtype, device),
+    )
+
+
+def _add_model_args(p: argparse.ArgumentParser, runtime: bool = True) -> None:
+    p.add_argument("--kind", required=True, choices=["geneformer", "scgpt"])
+    p.add_argument("--checkpoint", required=True, help="model folder in the official format")
+    p.add_argument("--dictionaries", help="Geneformer dictionary folder")
+    p.add_argument("--version", default="V2", choices=["V1", "V2"], help="Geneformer version")
+    if runtime:
+        p.add_argument("--device", default="auto")
+        p.add_argument("--dtype", default="float32")
+
+
+# ---------------------------------------------------------------------------------------------
+# sub-commands
+def cmd_check_config(args) -> None:
+    from ctrace.config import load_config
+
+    config = load_config(args.config)
+    print(f"{args.config}: valid ({len(config['models'])} models, {len(config['conditions'])} conditions)")
+
+
+def cmd_demo_data(args) -> None:
+    from ctrace.data import demo_anndata
+    from ctrace.io import atomic_path
+
+    adata = demo_anndata()
+    with atomic_path(args.out) as tmp:
+        adata.write_h5ad(tmp)
+    log.info("wrote %s: %d cells x %d genes of integer counts", args.out, adata.n_obs, adata.n_vars)
+
+
+def cmd_demo_model(args) -> None:
+    from ctrace.demo import DemoModelConfig, build_demo_model
+
+    cfg = DemoModelConfig(
+        n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
+        pretrain_steps=args.pretrain_steps, seed=args.seed,
+    )
+    report = build_demo_model(args.kind, args.h5ad, Path(args.out_dir), cfg)
+    from ctrace.io import write_json
+
+    write_json(args.report, report)
+    log.info("demo %s: %s", args.kind, json.dumps(report["heldout"]))
+
+
+def cmd_select_cells(args) -> None:
+    import anndata as ad
+    import pandas as pd
+
+    from ctrace.data import select_obs, split_cells
+    from ctrace.io import write_tsv
+
+    path = Path(args.h5ad)
+    if not path.is_file():
+        raise CtraceInputError(f"{args.condition}.h5ad: file {path} not found")
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        obs = adata.obs
+        mask = select_obs(obs, args.obs_filter, f"{args.condition}.obs_filter") if args.obs_filter else None
+        names = obs.index.astype(str).to_numpy()
+        names = names if mask is None else names[mask]
+    finally:
+        adata.file.close()
+    trace, sae = split_cells(names, args.trace_cells, args.sae_cells, args.seed, where=args.condition)
+    table = pd.concat(
+        [pd.DataFrame({"obs_name": trace, "split": "trace"}), pd.DataFrame({"obs_name": sae, "split": "sae"})]
+    )
+    write_tsv(args.out, table)
+    log.info("%s: %d cells pass the filter; %d traced, %d for SAE training", args.condition, len(names),
+             len(trace), len(sae))
+
+
+def cmd_tokenize(args) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from ctrace import tokenize
+    from ctrace.data import load_condition
+    from ctrace.io import write_json
+
+    cells = pd.read_csv(args.cells, sep="\t", dtype=str)
+    data = load_condition(
+        args.h5ad, counts=args.counts, gene_column=args.gene_column,
+        n_counts_column=args.n_counts_column, cells=cells["obs_name"].to_numpy(), where=args.condition,
+    )
+    if args.kind == "geneformer":
+        from ctrace.vocab import load_geneformer_dictionaries
+
+        dicts = load_geneformer_dictionaries(args.dictionaries, args.version)
+        tokenized, report = tokenize.tokenize_geneformer(
+            data.counts_CG, data.gene_ids, data.n_counts_C, dicts, data.obs_names
+        )
+    else:
+        from ctrace.models.scgpt import read_args
+        from ctrace.vocab import load_scgpt_vocab
+
+        model_args = read_args(args.checkpoint)
+        tokenized, report = tokenize.tokenize_scgpt(
+            data.counts_CG, data.gene_ids, load_scgpt_vocab(args.checkpoint), data.obs_names,
+            max_seq_len=args.max_seq_len, n_bins=int(model_args.get("n_bins", 51)),
+            pad_value=float(model_args.get("pad_value", -2)), seed=args.seed,
+        )
+    split = dict(zip(cells["obs_name"], cells["split"]))
+    summary = {"condition": args.condition, "model_kind": args.kind, **report.to_dict(), "splits": {}}
+    for name, out in (("trace", args.out_trace), ("sae", args.out_sae)):
+        rows = np.flatnonzero([split[o] == name for o in tokenized.obs_names])
+        part = tokenized.subset(rows)
+        part.save(out)
+        summary["splits"][name] = int(len(part))
+    write_json(args.report, summary)
+    log.info("%s/%s: %s", args.kind, args.condition, json.dumps(summary))
+
+
+def cmd_dump_activations(args) -> None:
+    from ctrace.activations import dump_activations
+    from ctrace.tokenize import TokenizedCells
+
+    backend = _load_backend(args)
+    cells = TokenizedCells.load(args.tokenized)
+    t0 = time.perf_counter()
+    n = dump_activations(
+        backend, cells, args.layer, args.out_stem, positions_per_cell=args.positions_per_cell,
+        seed=args.seed, batch_size=args.batch_size,
+    )
+    log.info("layer %d: %d rows from %d cells in %.1fs", args.layer, n, len(cells), time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctrace", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check-config", help="validate a workflow config file")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("demo-data", help="write the embedded demo cells (pbmc68k, integer counts)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("demo-model", help="build + pre-train a tiny model in the official format")
+    p.add_argument("--kind", required=True, choices=["geneformer", "scgpt"])
+    p.add_argument("--h5ad", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--report", required=True)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_model)
+
+    p = sub.add_parser("select-cells", help="filter a condition's cells and split them (trace / SAE)")
+    p.add_argument("--condition", required=True)
+    p.add_argument("--h5ad", required=True)
+    p.add_argument("--obs-filter")
+    p.add_argument("--trace-cells", type=int, required=True)
+    p.add_argument("--sae-cells", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_select_cells)
+
+    p = sub.add_parser("tokenize", help="tokenize a condition's cells for one model")
+    _add_model_args(p, runtime=False)
+    p.add_argument("--condition", required=True)
+    p.add_argument("--h5ad", required=True)
+    p.add_argument("--cells", required=True, help="TSV from select-cells")
+    p.add_argument("--counts", default="X")
+    p.add_argument("--gene-column", default="index")
+    p.add_argument("--n-counts-column")
+    p.add_argument("--max-seq-len", type=int, default=1200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-trace", required=True)
+    p.add_argument("--out-sae", required=True)
+    p.add_argument("--report", required=True)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("dump-activations", help="write h_L at sampled gene positions (float16)")
+    _add_model_args(p)
+    p.add_argument("--tokenized", required=True)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--positions-per-cell", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-stem", required=True)
+    p.set_defaults(func=cmd_dump_activations)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s ctrace %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.func(args)
+    except CtraceInputError as err:
+        print(f"ctrace {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

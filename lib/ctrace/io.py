@@ -1,0 +1,115 @@
+"""Atomic file output and safe loading of pickled dictionaries.
+
+Every result file is written to a temporary sibling and renamed into place, so an interrupted job
+never leaves a half-written output that Snakemake (or a user) could mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctrace.errors import CtraceInputError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    `suffix` defaults to the target's own suffix, so writers that dispatch on extension still work.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=f".tmp{suffix if suffix is not None else target.suffix}",
+        dir=target.parent,
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_parquet(path: str | os.PathLike, frame) -> None:
+    """Write a pandas DataFrame as Parquet (pyarrow), atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def write_tsv(path: str | os.PathLike, frame) -> None:
+    """Write a pandas DataFrame as a tab-separated table, atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, sep="\t", index=False)
+
+
+def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Write uncompressed named arrays (`np.savez`), atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler for Geneformer's dictionaries: plain containers plus numpy scalars, nothing else.
+
+    The official pickles reference only `numpy.core.multiarray.scalar` and `numpy.dtype`; any other
+    global (a function, a class with side effects) is refused, so a tampered file cannot run code.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
+        if (module, name) in self._ALLOWED:
+            if name == "dtype":
+                return np.dtype
+            from numpy._core import multiarray  # numpy >= 2
+
+            return multiarray.scalar
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def load_restricted_pickle(path: str | os.PathLike) -> Any:
+    """Load a pickle that may contain only builtin containers/scalars and numpy scalars."""
+    path = Path(path)
+    if not path.is_file():
+        raise CtraceInputError(f"{path}: file not found")
+    with open(path, "rb") as handle:
+        try:
+            return _RestrictedUnpickler(handle).load()
+        except pickle.UnpicklingError as err:
+            raise CtraceInputError(
+                f"{path}: refused to unpickle ({err}); only plain dictionaries of strings and numbers "
+                "are accepted. Use the official Geneformer dictionary files."
+            ) from None

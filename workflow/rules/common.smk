@@ -1,0 +1,215 @@
+import json
+import shlex
+import zlib
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from ctrace.config import DEMO, validate_config
+from ctrace.errors import CtraceInputError
+
+try:
+    config = validate_config(
+        config, schema=Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+    )
+except CtraceInputError as err:
+    raise WorkflowError(str(err)) from None
+
+MODELS = sorted(config["models"])
+CONDITIONS = sorted(config["conditions"])
+SAE_SETS = sorted(config["sae_sets"])
+SEED = config["seed"]
+DEVICE = config["device"]
+
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    condition="|".join(CONDITIONS),
+    sae_set="|".join(SAE_SETS),
+    layer=r"\d+",
+    split="trace|sae",
+
+
+CHECKPOINT_FILES = {
+    "geneformer": ["config.json", "model.safetensors"],
+    "scgpt": ["args.json", "best_model.pt", "vocab.json"],
+}
+GENEFORMER_DICTIONARY_FILES = {
+    "V2": [
+        "token_dictionary_gc104M.pkl",
+        "gene_median_dictionary_gc104M.pkl",
+        "gene_name_id_dict_gc104M.pkl",
+        "ensembl_mapping_dict_gc104M.pkl",
+    ],
+    "V1": [
+        "token_dictionary_gc30M.pkl",
+        "gene_median_dictionary_gc30M.pkl",
+        "gene_name_id_dict_gc30M.pkl",
+        "ensembl_mapping_dict_gc30M.pkl",
+    ],
+}
+DEMO_H5AD = "results/demo/pbmc68k_counts.h5ad"
+
+
+def model_block(model):
+    return config["models"][model]
+
+
+def condition_block(condition):
+    return config["conditions"][condition]
+
+
+def get_checkpoint_dir(model):
+    block = model_block(model)
+    if block["checkpoint"] == DEMO:
+        return f"results/demo/{model}/checkpoint"
+    return block["checkpoint"]
+
+
+def get_dictionary_dir(model):
+    block = model_block(model)
+    if block["kind"] != "geneformer":
+        return ""
+    if block["dictionaries"] == DEMO:
+        return f"results/demo/{model}/dictionaries"
+    return block["dictionaries"]
+
+
+def get_model_files(wildcards):
+    """Checkpoint (and dictionary) files of a model: demo ones are built by the demo rule."""
+    block = model_block(wildcards.model)
+    files = [
+        f"{get_checkpoint_dir(wildcards.model)}/{name}"
+        for name in CHECKPOINT_FILES[block["kind"]]
+    ]
+    if block["kind"] == "geneformer":
+        version = block.get("version", "V2")
+        files += [
+            f"{get_dictionary_dir(wildcards.model)}/{name}"
+            for name in GENEFORMER_DICTIONARY_FILES[version]
+        ]
+    return files
+
+
+def get_h5ad(wildcards):
+    path = condition_block(wildcards.condition)["h5ad"]
+    return DEMO_H5AD if path == DEMO else path
+
+
+def model_n_layers(model):
+    """Layers of a model: from its config file, or from the demo settings before it is built."""
+    block = model_block(model)
+    if block["checkpoint"] == DEMO:
+        return config["demo"]["n_layers"]
+    folder = Path(block["checkpoint"])
+    if block["kind"] == "geneformer":
+        return int(
+            json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+        )
+    return int(json.loads((folder / "args.json").read_text())["nlayers"])
+
+
+def model_layers(model):
+    wanted = config["activations"]["layers"]
+    n_layers = model_n_layers(model)
+    if wanted == "all":
+        return list(range(n_layers))
+    bad = [layer for layer in wanted if layer >= n_layers]
+    if bad:
+        raise WorkflowError(
+            f"activations.layers: {bad} out of range for {model} ({n_layers} layers)"
+        )
+    return sorted(wanted)
+
+
+def sae_training_conditions():
+    """Conditions whose SAE-split cells are dumped: those listed by any SAE set."""
+    return sorted(
+        {c for block in config["sae_sets"].values() for c in block["conditions"]}
+    )
+
+
+def model_args(model):
+    """ctrace CLI arguments that identify a model (shell-quoted by the caller)."""
+    block = model_block(model)
+    args = ["--kind", block["kind"], "--checkpoint", get_checkpoint_dir(model)]
+    if block["kind"] == "geneformer":
+        args += [
+            "--dictionaries",
+            get_dictionary_dir(model),
+            "--version",
+            block.get("version", "V2"),
+        ]
+    return args
+
+
+def get_model_args(wildcards):
+    return " ".join(shlex.quote(a) for a in model_args(wildcards.model))
+
+
+def get_runtime_args(wildcards):
+    block = model_block(wildcards.model)
+    return (
+        f"--device {DEVICE} --dtype {block['dtype']} --batch-size {block['batch_size']}"
+    )
+
+
+def get_condition_seed(wildcards):
+    """Per-condition seed: stable under adding or removing other conditions."""
+    return SEED + zlib.crc32(wildcards.condition.encode()) % 2**31
+
+
+def get_final_outputs():
+    outputs = []
+    for model in MODELS:
+        if model_block(model)["checkpoint"] == DEMO:
+            outputs.append(f"results/demo/{model}/pretrain_report.json")
+        for condition in CONDITIONS:
+            outputs.append(f"results/tokenized/{model}/{condition}.report.json")
+        for condition in sae_training_conditions():
+            for layer in model_layers(model):
+                outputs.append(
+                    f"results/activations/{model}/{condition}/layer{layer}.npy"
+                )
+    return outputs
+
+
+def demo_models_regex(kind):
+    """Names of the demo models of one kind, as a wildcard regex (never matches if there are none)."""
+    names = [
+        m
+        for m in MODELS
+        if model_block(m)["kind"] == kind and model_block(m)["checkpoint"] == DEMO
+    ]
+    return "|".join(names) if names else "(?!)"
+
+
+def get_demo_args(wildcards):
+    demo = config["demo"]
+    return (
+        f"--n-layers {demo['n_layers']} --d-model {demo['d_model']} --n-heads {demo['n_heads']}"
+        f" --pretrain-steps {demo['pretrain_steps']} --seed {SEED}"
+    )
+
+
+def get_obs_filter_arg(wildcards):
+    expression = condition_block(wildcards.condition)["obs_filter"]
+    return "" if not expression else f"--obs-filter {shlex.quote(expression)}"
+
+
+def get_cell_counts_args(wildcards):
+    block = condition_block(wildcards.condition)
+    args = f"--trace-cells {block['trace_cells']}"
+    if block["sae_cells"] is not None:
+        args += f" --sae-cells {block['sae_cells']}"
+    return args
+
+
+def get_condition_data_args(wildcards):
+    block = condition_block(wildcards.condition)
+    args = ["--counts", block["counts"], "--gene-column", block["gene_column"]]
+    if block["n_counts_column"]:
+        args += ["--n-counts-column", block["n_counts_column"]]
+    if model_block(wildcards.model)["kind"] == "scgpt":
+        args += ["--max-seq-len", str(model_block(wildcards.model)["max_seq_len"])]
+    return " ".join(shlex.quote(a) for a in args)
