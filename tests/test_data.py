@@ -7,7 +7,8 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from ctrace.data import check_raw_counts, demo_anndata, load_condition, split_cells
+from ctrace.data import demo_anndata, load_condition, split_cells
+from ctrace.tokenize import check_raw_counts
 from ctrace.errors import CtraceInputError
 
 
@@ -46,7 +47,7 @@ def test_log_normalised_input_is_rejected(tmp_path):
     reduced = sc.datasets.pbmc68k_reduced()
     path = tmp_path / "lognorm.h5ad"
     ad.AnnData(X=sp.csr_matrix(reduced.raw.X), obs=reduced.obs[["bulk_labels"]], var=pd.DataFrame(index=reduced.raw.var_names)).write_h5ad(path)
-    with pytest.raises(CtraceInputError, match="not raw integer counts.*log-normalised"):
+    with pytest.raises(CtraceInputError, match="expected raw integer counts.*log-normalised"):
         load_condition(path)
 
 
@@ -67,7 +68,7 @@ def test_obs_filter_that_selects_no_cell(demo_h5ad):
 
 
 def test_negative_values_rejected():
-    with pytest.raises(CtraceInputError, match="not raw integer counts"):
+    with pytest.raises(CtraceInputError, match="expected raw integer counts"):
         check_raw_counts(sp.csr_matrix(np.array([[1.0, -2.0]])), "x.h5ad")
 
 

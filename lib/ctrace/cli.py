@@ -125,14 +125,17 @@ def cmd_tokenize(args) -> None:
             data.counts_CG, data.gene_ids, data.n_counts_C, dicts, data.obs_names
         )
     else:
-        from ctrace.models.scgpt import read_args
+        from ctrace.models.scgpt import ScGPTArgs
         from ctrace.vocab import load_scgpt_vocab
 
-        model_args = read_args(args.checkpoint)
+        args_path = Path(args.checkpoint) / "args.json"
+        if not args_path.is_file():
+            raise CtraceInputError(f"{args_path}: not found; an scGPT model folder holds args.json")
+        model_args = ScGPTArgs.from_dict(json.loads(args_path.read_text()), source=str(args_path))
         tokenized, report = tokenize.tokenize_scgpt(
             data.counts_CG, data.gene_ids, load_scgpt_vocab(args.checkpoint), data.obs_names,
-            max_seq_len=args.max_seq_len, n_bins=int(model_args.get("n_bins", 51)),
-            pad_value=float(model_args.get("pad_value", -2)), seed=args.seed,
+            max_seq_len=args.max_seq_len, n_bins=model_args.n_bins or 51, pad_value=model_args.pad_value,
+            seed=args.seed,
         )
     split = dict(zip(cells["obs_name"], cells["split"]))
     summary = {"condition": args.condition, "model_kind": args.kind, **report.to_dict(), "splits": {}}

@@ -16,10 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ctrace.errors import CtraceInputError
-
-# How many non-zero values are checked for integrality (a sample is enough to catch log data).
-_INTEGRALITY_SAMPLE = 200_000
-
+from ctrace.tokenize import check_raw_counts
 
 @dataclass(frozen=True)
 class ConditionData:
@@ -182,20 +179,6 @@ def _gene_ids(var: pd.DataFrame, gene_column: str, path: Path, where: str) -> np
             f"{list(var.columns)} (or 'index' for var_names)"
         )
     return var[gene_column].astype(str).to_numpy()
-
-
-def check_raw_counts(counts_CG, source: str) -> None:
-    """Reject non-integer or negative values: ctrace needs raw UMI counts, not log/scaled data."""
-    data = counts_CG.data if sp.issparse(counts_CG) else np.asarray(counts_CG).ravel()
-    sample = data[:_INTEGRALITY_SAMPLE]
-    if sample.size == 0:
-        raise CtraceInputError(f"{source}: the count matrix has no non-zero value")
-    if (sample < 0).any() or not np.allclose(sample, np.round(sample), atol=1e-6):
-        example = sample[np.flatnonzero((sample < 0) | (np.abs(sample - np.round(sample)) > 1e-6))[:3]]
-        raise CtraceInputError(
-            f"{source}: values are not raw integer counts (e.g. {example.tolist()}); this looks like "
-            "log-normalised or scaled data. Point `counts` at raw counts: a layer name, 'raw', or 'X'."
-        )
 
 
 def split_cells(

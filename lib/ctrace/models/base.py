@@ -124,18 +124,23 @@ class Backend(abc.ABC):
                 out[layer] = h
         return out
 
-    @torch.no_grad()
     def resume(
         self, h_L_BTD: torch.Tensor, batch: Batch, layer: int, stop: int | None = None
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Continue from `h_L` (output of block `layer`): run blocks layer+1..stop (default last)."""
+        """Continue from `h_L` (output of block `layer`): run blocks layer+1..stop (default last),
+        without autograd. `run_blocks` itself stays differentiable for gradient-based callers."""
         stop = self.n_layers - 1 if stop is None else stop
         self._check_layers([layer, stop])
         if stop <= layer:
             return iter(())
-        return self.run_blocks(h_L_BTD, batch, layer + 1, stop)
+        return _no_grad_iter(self.run_blocks(h_L_BTD, batch, layer + 1, stop))
 
     def _check_layers(self, layers: Sequence[int]) -> None:
         for layer in layers:
             if not 0 <= layer < self.n_layers:
                 raise ValueError(f"layer {layer} out of range 0..{self.n_layers - 1} for {self.name}")
+
+
+@torch.no_grad()  # wraps a generator: every step of the iteration runs without grad
+def _no_grad_iter(steps: Iterator[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
+    yield from steps
