@@ -166,6 +166,10 @@ def cmd_dump_activations(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrace", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads for torch (the rule's `threads`; oversubscribed cores slow torch down badly)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("check-config", help="validate a workflow config file")
@@ -232,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s ctrace %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         args.func(args)
     except CtraceInputError as err:

@@ -21,7 +21,7 @@ rule dump_activations:
         positions=config["activations"]["positions_per_cell"],
         seed=get_condition_seed,
     shell:
-        "ctrace dump-activations {params.model} {params.runtime} --tokenized {input.tokenized}"
+        "ctrace --threads {threads} dump-activations {params.model} {params.runtime} --tokenized {input.tokenized}"
         " --layer {wildcards.layer} --positions-per-cell {params.positions} --seed {params.seed}"
         " --out-stem results/activations/{wildcards.model}/{wildcards.condition}/layer{wildcards.layer}"
         " > {log} 2>&1"

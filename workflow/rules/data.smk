@@ -39,6 +39,6 @@ rule tokenize:
         data=get_condition_data_args,
         seed=get_condition_seed,
     shell:
-        "ctrace tokenize {params.model} --condition {wildcards.condition} --h5ad {input.h5ad}"
+        "ctrace --threads {threads} tokenize {params.model} --condition {wildcards.condition} --h5ad {input.h5ad}"
         " --cells {input.cells} {params.data} --seed {params.seed} --out-trace {output.trace}"
         " --out-sae {output.sae} --report {output.report} > {log} 2>&1"

@@ -28,14 +28,14 @@ rule demo_geneformer:
         model=demo_models_regex("geneformer"),
     conda:
         "../envs/ctrace.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
     params:
         demo=get_demo_args,
     shell:
-        "ctrace demo-model --kind geneformer --h5ad {input} --out-dir results/demo/{wildcards.model}"
+        "ctrace --threads {threads} demo-model --kind geneformer --h5ad {input} --out-dir results/demo/{wildcards.model}"
         " --report {output.report} {params.demo} > {log} 2>&1"
 
 
@@ -55,12 +55,12 @@ rule demo_scgpt:
         model=demo_models_regex("scgpt"),
     conda:
         "../envs/ctrace.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
     params:
         demo=get_demo_args,
     shell:
-        "ctrace demo-model --kind scgpt --h5ad {input} --out-dir results/demo/{wildcards.model}"
+        "ctrace --threads {threads} demo-model --kind scgpt --h5ad {input} --out-dir results/demo/{wildcards.model}"
         " --report {output.report} {params.demo} > {log} 2>&1"
