@@ -1,0 +1,72 @@
+"""The workflow on the demo config: lint, the dry-run grid, and one real end-to-end run."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def workdir_with_workflow(path: Path) -> Path:
+    for name in ("Snakefile", "workflow", "config"):
+        (path / name).symlink_to(ROOT / name)
+    return path
+
+
+def snakemake(workdir: Path, *args, timeout=1800):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    return subprocess.run(
+        [*SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output[output.index("Job stats:") :]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_lint_is_clean(tmp_path):
+    out = snakemake(workdir_with_workflow(tmp_path), "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in out.stdout + out.stderr, out.stdout
+
+
+def test_dry_run_covers_the_model_condition_layer_grid(tmp_path):
+    out = snakemake(workdir_with_workflow(tmp_path), "-n", "--quiet", "rules")
+    assert out.returncode == 0, out.stderr
+    counts = job_counts(out.stdout)
+    # 2 models x 4 conditions x 4 demo layers
+    assert counts["dump_activations"] == 32
+    assert counts["tokenize"] == 8 and counts["select_cells"] == 4
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = workdir_with_workflow(tmp_path_factory.mktemp("demo_run"))
+    out = snakemake(workdir, "--cores", "2")
+    assert out.returncode == 0, out.stderr[-5000:]
+    return workdir
+
+
+def test_demo_run_end_to_end(demo_run):
+    results = demo_run / "results"
+    for model in ("geneformer", "scgpt"):
+        report = json.loads((results / f"demo/{model}/pretrain_report.json").read_text())
+        trained, untrained = report["heldout"]["trained"], report["heldout"]["untrained"]
+        if model == "geneformer":
+            assert trained["accuracy"] > 5 * untrained["accuracy"] and trained["loss"] < untrained["loss"]
+        else:
+            assert trained["mse"] < trained["mse_predict_train_mean"] < untrained["mse"]
+        for condition in ("cd14_monocyte", "b_cell", "t_reg", "nk_cell"):
+            tokens = json.loads((results / f"tokenized/{model}/{condition}.report.json").read_text())
+            assert tokens["splits"]["trace"] == 16 and tokens["n_genes_matched"] > 600
+            for layer in range(4):
+                acts = np.load(results / f"activations/{model}/{condition}/layer{layer}.npy", mmap_mode="r")
+                assert acts.dtype == np.float16 and acts.shape[1] == 64 and np.isfinite(acts).all()
