@@ -1,0 +1,29 @@
+"""Gene-set libraries bundled with ctrace (GMT files under `ctrace/data/genesets/`).
+
+Hallmark (MSigDB v7.4, CC BY 4.0), Reactome pathways (CC0) and Enrichr's GO Biological Process 2021
+(GO annotations, CC BY 4.0). Sources, licences and citations: `data/genesets/ATTRIBUTION.md`.
+KEGG and TRRUST are deliberately not bundled (redistribution restricted / licence unsettled).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+BUNDLED_GMT_FILES: dict[str, str] = {
+    "hallmark": "h.all.v7.4.symbols.gmt",
+    "reactome": "ReactomePathways.gmt",
+    "go_bp": "enrichr.GO_Biological_Process_2021.gmt",
+}
+
+
+def bundled_gmt_paths() -> dict[str, Path]:
+    """Library name → path of its bundled GMT file (`hallmark`, `reactome`, `go_bp`)."""
+    folder = resources.files("ctrace") / "data" / "genesets"
+    paths = {}
+    for name, filename in BUNDLED_GMT_FILES.items():
+        path = Path(str(folder / filename))
+        if not path.is_file():
+            raise FileNotFoundError(f"bundled gene-set file missing from the installation: {path}")
+        paths[name] = path
+    return paths
