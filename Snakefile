@@ -10,6 +10,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/activations.smk"
+include: "workflow/rules/sae.smk"
 
 
 rule all:

@@ -162,6 +162,84 @@ def cmd_dump_activations(args) -> None:
     log.info("layer %d: %d rows from %d cells in %.1fs", args.layer, n, len(cells), time.perf_counter() - t0)
 
 
+def _dump_sources(stems: list[str]) -> list[tuple[Path, Path]]:
+    return [(Path(f"{stem}.npy"), Path(f"{stem}.rows.parquet")) for stem in stems]
+
+
+def cmd_fit_sae(args) -> None:
+    from ctrace.device import resolve_device
+    from ctrace.io import write_json
+    from ctrace.sae import save_sae
+    from ctrace.sae_training import SAETrainConfig, train_sae
+
+    device = str(resolve_device(args.device))
+    cfg = SAETrainConfig(
+        expansion=args.expansion, k=args.k, lr=args.lr, batch_size=args.batch_size, n_steps=args.n_steps,
+        heldout_fraction=args.heldout_fraction, seed=args.seed, device=device,
+    )
+    result = train_sae(_dump_sources(args.dumps), cfg)
+    sidecar = result.sidecar(model=args.model, sae_set=args.sae_set, layer=args.layer)
+    save_sae(args.out_stem, result.sae, sidecar)
+    write_json(args.metrics, {"model": args.model, "sae_set": args.sae_set, "layer": args.layer,
+                              **result.metrics_dict(), "timing": result.timing, "resolved": result.resolved})
+    log.info("SAE %s/%s/layer%d: %s", args.model, args.sae_set, args.layer, json.dumps(result.metrics_dict())[:400])
+
+
+def cmd_sae_quality(args) -> None:
+    import pandas as pd
+
+    from ctrace.io import write_tsv
+
+    keep = ["model", "sae_set", "layer", "heldout_fvu", "heldout_pca_fvu", "fvu_over_pca_fvu", "mean_l0",
+            "dead_fraction", "n_heldout_rows"]
+    rows = []
+    for path in args.metrics:
+        metrics = json.loads(Path(path).read_text())
+        rows.append({key: metrics.get(key) for key in keep})
+    write_tsv(args.out, pd.DataFrame(rows).sort_values(["model", "sae_set", "layer"]))
+
+
+def cmd_annotate(args) -> None:
+    import numpy as np
+
+    from ctrace.annotate import annotate_layer
+    from ctrace.device import resolve_device
+    from ctrace.enrichment import read_gmt
+    from ctrace.genesets import bundled_gmt_paths
+    from ctrace.io import write_parquet
+    from ctrace.sae import load_sae
+    from ctrace.tokenize import TokenizedCells
+    from ctrace.vocab import (
+        geneformer_token_symbols, load_geneformer_dictionaries, load_scgpt_vocab, scgpt_token_symbols,
+    )
+
+    if args.kind == "geneformer":
+        symbols = geneformer_token_symbols(load_geneformer_dictionaries(args.dictionaries, args.version))
+    else:
+        symbols = scgpt_token_symbols(load_scgpt_vocab(args.checkpoint))
+    bundled = bundled_gmt_paths()
+    libraries = {}
+    for entry in args.gene_sets:
+        path = bundled.get(entry, Path(entry))
+        name = entry if entry in bundled else path.stem
+        libraries[name] = read_gmt(path)
+    tokens = np.unique(np.concatenate([TokenizedCells.load(p).ids for p in args.tokenized]))
+    background = {symbols[int(t)] for t in tokens if int(t) in symbols}
+    device = resolve_device(args.device)
+    sae, _ = load_sae(args.sae, device=device)
+    features, significant = annotate_layer(
+        sae, _dump_sources(args.dumps), symbols, libraries, background, n_top=args.n_top,
+        min_support=args.min_support, q_threshold=args.q, device=device,
+    )
+    features.insert(0, "layer", args.layer)
+    significant.insert(0, "layer", args.layer)
+    write_parquet(args.out_features, features)
+    write_parquet(args.out_significant, significant)
+    n_annotated = int((features["n_significant"] > 0).sum())
+    log.info("layer %d: %d of %d features with a significant term (background %d genes)", args.layer,
+             n_annotated, len(features), len(background))
+
+
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrace", description=__doc__.splitlines()[0])
@@ -226,6 +304,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-stem", required=True)
     p.set_defaults(func=cmd_dump_activations)
+
+    p = sub.add_parser("fit-sae", help="fit a TopK SAE on activation dumps (held-out split by cell)")
+    p.add_argument("--dumps", nargs="+", required=True, help="dump stems (<stem>.npy + <stem>.rows.parquet)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--sae-set", required=True)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--expansion", type=int, default=4)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--n-steps", type=int)
+    p.add_argument("--heldout-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out-stem", required=True)
+    p.add_argument("--metrics", required=True)
+    p.set_defaults(func=cmd_fit_sae)
+
+    p = sub.add_parser("sae-quality", help="collect SAE metrics into one table")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_sae_quality)
+
+    p = sub.add_parser("annotate", help="top genes and gene-set enrichment of every SAE feature")
+    _add_model_args(p)
+    p.add_argument("--sae", required=True, help="SAE checkpoint stem")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--dumps", nargs="+", required=True)
+    p.add_argument("--tokenized", nargs="+", required=True, help="tokenized cells (the gene background)")
+    p.add_argument("--gene-sets", nargs="+", required=True, help="bundled names (hallmark, reactome, go_bp) or GMT paths")
+    p.add_argument("--n-top", type=int, default=20)
+    p.add_argument("--min-support", type=int, default=3)
+    p.add_argument("--q", type=float, default=0.05)
+    p.add_argument("--out-features", required=True)
+    p.add_argument("--out-significant", required=True)
+    p.set_defaults(func=cmd_annotate)
     return parser
 
 

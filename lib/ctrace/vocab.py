@@ -134,3 +134,17 @@ def write_scgpt_vocab(path: str | os.PathLike, vocab: dict[str, int], seed: int 
     np.random.default_rng(seed).shuffle(keys)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({k: int(vocab[k]) for k in keys}, indent=2))
+
+
+def geneformer_token_symbols(dicts: GeneformerDictionaries) -> dict[int, str]:
+    """Token id → gene symbol (the Ensembl id where the name dictionary has no symbol for it)."""
+    symbol_of = {}
+    for symbol, ensembl in sorted(dicts.gene_name_id.items()):
+        symbol_of.setdefault(ensembl, symbol)
+    specials = set(GENEFORMER_SPECIALS[dicts.version])
+    return {tid: symbol_of.get(gid, gid) for gid, tid in dicts.token_dict.items() if gid not in specials}
+
+
+def scgpt_token_symbols(vocab: dict[str, int]) -> dict[int, str]:
+    """Token id → gene symbol (scGPT's vocabulary is keyed by symbols)."""
+    return {tid: gene for gene, tid in vocab.items() if gene not in SCGPT_SPECIALS}

@@ -122,13 +122,6 @@ def model_layers(model):
     return sorted(wanted)
 
 
-def sae_training_conditions():
-    """Conditions whose SAE-split cells are dumped: those listed by any SAE set."""
-    return sorted(
-        {c for block in config["sae_sets"].values() for c in block["conditions"]}
-    )
-
-
 def model_args(model):
     """ctrace CLI arguments that identify a model (shell-quoted by the caller)."""
     block = model_block(model)
@@ -166,11 +159,8 @@ def get_final_outputs():
             outputs.append(f"results/demo/{model}/pretrain_report.json")
         for condition in CONDITIONS:
             outputs.append(f"results/tokenized/{model}/{condition}.report.json")
-        for condition in sae_training_conditions():
-            for layer in model_layers(model):
-                outputs.append(
-                    f"results/activations/{model}/{condition}/layer{layer}.npy"
-                )
+    outputs.append("results/sae/quality.tsv")
+    outputs += get_all_annotations()
     return outputs
 
 
@@ -213,3 +203,67 @@ def get_condition_data_args(wildcards):
     if model_block(wildcards.model)["kind"] == "scgpt":
         args += ["--max-seq-len", str(model_block(wildcards.model)["max_seq_len"])]
     return " ".join(shlex.quote(a) for a in args)
+
+
+def get_sae_training_stems(wildcards):
+    """Dump stems of every training condition of an SAE set at one layer (space-separated)."""
+    conditions = config["sae_sets"][wildcards.sae_set]["conditions"]
+    return " ".join(
+        f"results/activations/{wildcards.model}/{condition}/layer{wildcards.layer}"
+        for condition in conditions
+    )
+
+
+def get_sae_training_dumps(wildcards):
+    stems = get_sae_training_stems(wildcards).split()
+    return {
+        "acts": [f"{stem}.npy" for stem in stems],
+        "rows": [f"{stem}.rows.parquet" for stem in stems],
+    }
+
+
+def get_sae_training_tokenized(wildcards):
+    conditions = config["sae_sets"][wildcards.sae_set]["conditions"]
+    return [
+        f"results/tokenized/{wildcards.model}/{condition}.sae.npz"
+        for condition in conditions
+    ]
+
+
+def get_sae_args(wildcards):
+    sae = config["sae"]
+    args = (
+        f"--expansion {sae['expansion']} --k {sae['k']} --lr {sae['lr']} --batch-size {sae['batch_size']}"
+        f" --heldout-fraction {sae['heldout_fraction']}"
+    )
+    if sae["n_steps"] is not None:
+        args += f" --n-steps {sae['n_steps']}"
+    return args
+
+
+def get_all_sae_metrics(wildcards):
+    return [
+        f"results/sae/{model}/{sae_set}/layer{layer}.metrics.json"
+        for model in MODELS
+        for sae_set in SAE_SETS
+        for layer in model_layers(model)
+    ]
+
+
+def get_annotation_args(wildcards):
+    annotation = config["annotation"]
+    gene_sets = " ".join(shlex.quote(g) for g in annotation["gene_sets"])
+    return (
+        f"--gene-sets {gene_sets} --n-top {annotation['n_top_genes']}"
+        f" --min-support {annotation['min_support']} --q {annotation['q_threshold']}"
+    )
+
+
+def get_all_annotations():
+    return [
+        f"results/annotation/{model}/{sae_set}/layer{layer}.{table}.parquet"
+        for model in MODELS
+        for sae_set in SAE_SETS
+        for layer in model_layers(model)
+        for table in ("features", "significant")
+    ]
