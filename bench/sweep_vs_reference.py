@@ -1,0 +1,601 @@
+"""Benchmark: `ctrace.trace.run_sweep` against a faithful re-implementation of the reference loop.
+
+The reference loop (method.md §9, §10; structure of bio-sae-circuits src/13): batch 1, fp32; per cell one
+clean whole-model pass and the source SAE encoded once; per (cell, source feature) where the feature
+fires: the ablation as an SAE-decode difference, the WHOLE model re-run from the input (MLM head
+included) with a forward hook on block L that replaces its output, and for every downstream layer the
+clean codes re-encoded and the ablated codes encoded at all gene positions on the CPU, the per-position
+differences averaged in a Python loop, a Welford update. Both paths must give the same statistics
+(≤ 1e-5) and the same edge tables in both modes; the exit status is 1 otherwise.
+
+Small benchmark (default): a tiny randomly initialised Geneformer in the official format
+(tests/model_fixtures.py + ctrace.models.load_backend), 4 blocks, d 64, 1,000-gene vocabulary (so the MLM
+head costs about a block, as in the real model), ~80-token cells, SAEs 4× wide with k 16.
+  PYTHONPATH=lib python bench/sweep_vs_reference.py --threads 1 --source-layers 0,1,2 [--device cuda]
+On a shared CPU use --threads 1: with tiny matrices, idle-spinning OpenMP threads make timings meaningless.
+`--real-size`: a randomly initialised Geneformer V2-316M-shaped model (18 layers, d 1152, 18 heads, ffn
+4608), ~2000-gene cells, 30 source features × 200 cells at source layer 0; reports forward passes per
+second against the reference's 1.46 s per pass (the reference loop itself is not run). `--bf16` adds a
+bf16-autocast sweep (GPU only) and compares its edges with fp32.
+FLOP/s: matmul FLOPs of the sweep's downstream blocks (counted analytically, `block_flops`) per second of
+(a) the whole sweep and (b) the synchronised time inside those blocks, as a fraction of the FLOP/s of a
+timed torch.matmul of the sweep's shape (rows·tokens × d) @ (d × ffn) measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "lib"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from ctrace.edges import edge_statistics, edge_table, summarize_edges  # noqa: E402
+from ctrace.models import load_backend  # noqa: E402
+from ctrace.models.base import Backend, Batch  # noqa: E402
+from ctrace.sae import SAEShape, TopKSAE  # noqa: E402
+from ctrace.trace import SweepConfig, SweepStats, run_sweep  # noqa: E402
+
+REFERENCE_S_PER_PASS = 1.46  # method.md §9: 7.5 h / 24,776 passes (Apple-Silicon GPU, batch 1, fp32)
+STAT_NAMES = ("n_S", "sum_SLG", "sumsq_SLG", "pos_SLG", "neg_SLG")
+
+
+# ---------------------------------------------------------------------------------------------------
+# model, cells, SAEs
+# ---------------------------------------------------------------------------------------------------
+def make_geneformer(
+    workdir: Path, n_layers: int, hidden: int, heads: int, ffn: int, max_pos: int, n_genes: int, device: str, seed: int
+) -> Backend:
+    """A randomly initialised Geneformer written in the official format and loaded as a Backend."""
+    import model_fixtures as fx
+    from ctrace.models import build_geneformer, save_geneformer
+
+    dicts = fx.write_synthetic_geneformer_dictionaries(workdir / "dicts", n_genes=n_genes)
+    model = build_geneformer(
+        vocab_size=n_genes + 4,
+        hidden_size=hidden,
+        n_layers=n_layers,
+        n_heads=heads,
+        intermediate_size=ffn,
+        max_position_embeddings=max_pos,
+        seed=seed,
+    )
+    model_dir = save_geneformer(model, workdir / "model")
+    del model
+    return load_backend("geneformer", model_dir, dicts, device=device)
+
+
+@torch.no_grad()
+def fitted_saes(backend: Backend, cells, layers, n_features: int, k: int, seed: int) -> dict[int, TopKSAE]:
+    """Random TopK SAEs (tied init) centred on each layer's mean gene-position activation."""
+    sums = {layer: torch.zeros(backend.d_model, dtype=torch.float64, device=backend.device) for layer in layers}
+    count = 0
+    for cell in cells[:8]:
+        batch = backend.collate([cell])
+        hs = backend.hidden_states(batch, layers)
+        for layer in layers:
+            sums[layer] += hs[layer][batch.gene_BT].double().sum(0)
+        count += int(batch.gene_BT.sum())
+    saes = {}
+    for i, layer in enumerate(layers):
+        sae = TopKSAE(SAEShape(backend.d_model, n_features, k), generator=torch.Generator().manual_seed(seed + i))
+        sae.mean_D.copy_((sums[layer] / count).float().cpu())
+        saes[layer] = sae.eval()
+    return saes
+
+
+# ---------------------------------------------------------------------------------------------------
+# the reference loop
+# ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def replace_block_output(layer_module: torch.nn.Module, h_1TD: torch.Tensor) -> Iterator[None]:
+    """Forward hook on one block that replaces its output by h_1TD; removed when the `with` block ends."""
+
+    def hook(_module, _args, out):
+        return (h_1TD, *out[1:]) if isinstance(out, tuple) else h_1TD
+
+    handle = layer_module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def full_pass(backend: Backend, batch: Batch, L: int | None = None, h_1TD: torch.Tensor | None = None):
+    """Hidden states h_0..h_{N-1} of one whole-model pass from the input, optionally replaced at block L."""
+    module = getattr(backend, "module", None)
+    if module is not None:  # Geneformer: the HF model itself, MLM head included, as the reference ran it
+        ctx = (
+            replace_block_output(module.bert.encoder.layer[L], h_1TD) if h_1TD is not None else contextlib.nullcontext()
+        )
+        with ctx:
+            out = module(input_ids=batch.input_ids_BT, attention_mask=batch.keep_BT.long(), output_hidden_states=True)
+        return out.hidden_states[1:]
+    hs, h = [], backend.embed(batch)
+    for layer, h in backend.run_blocks(h, batch, 0, backend.n_layers - 1):
+        if layer == L and h_1TD is not None:
+            h = h_1TD
+        hs.append(h)
+    return hs
+
+
+class Welford:
+    """The reference's per-(feature, layer) accumulator: running mean, M2, #δ>0 (and #δ<0 for comparison)."""
+
+    def __init__(self, n_features: int):
+        self.n, self.mean, self.m2 = 0, np.zeros(n_features), np.zeros(n_features)
+        self.pos, self.neg = np.zeros(n_features, np.int64), np.zeros(n_features, np.int64)
+
+    def update(self, x: np.ndarray) -> None:
+        self.n += 1
+        d = x - self.mean
+        self.mean += d / self.n
+        self.m2 += d * (x - self.mean)
+        self.pos += x > 0
+        self.neg += x < 0
+
+
+@torch.no_grad()
+def reference_sweep(backend, saes, cells, L, feats, targets) -> tuple[dict[str, np.ndarray], dict]:
+    """The reference loop (bio-sae-circuits src/13, method.md §9): returns run_sweep's statistics layout.
+
+    Per cell: one clean whole-model pass (batch 1), hidden states copied to the CPU, the source SAE
+    encoded once. Per (cell, feature) where the feature fires: ablation as the SAE-decode difference
+    with z_f zeroed, a whole-model pass from the input with a hook replacing block L's output, and for
+    every downstream layer the clean AND ablated gene positions encoded on the CPU, the per-position
+    differences averaged in a Python loop, and a Welford update.
+    """
+    cpu = {}
+    for layer, sae in saes.items():
+        copy = TopKSAE(sae.shape)
+        copy.load_state_dict({k: v.detach().cpu() for k, v in sae.state_dict().items()})
+        cpu[layer] = copy.eval()
+    G = cpu[targets[0]].shape.n_features
+    acc = {(f, dl): Welford(G) for f in feats for dl in targets}
+    n_active = dict.fromkeys(feats, 0)
+    fired_per_cell, passes = [], 0
+    t0 = time.perf_counter()
+    for cell in cells:
+        batch = backend.collate([cell])
+        gene_P = torch.nonzero(batch.gene_BT[0].cpu()).flatten()
+        clean = full_pass(backend, batch)
+        passes += 1
+        clean_full_TD = clean[L][0].cpu()
+        z_PF = cpu[L].encode(clean_full_TD[gene_P])
+        clean_down = {dl: clean[dl][0].cpu()[gene_P] for dl in targets}
+        fired = 0
+        for f in feats:
+            active_P = z_PF[:, f] > 0
+            if not bool(active_P.any()):
+                continue
+            fired += 1
+            n_active[f] += 1
+            z_abl = z_PF.clone()
+            z_abl[:, f] = 0.0
+            delta_PD = cpu[L].decode(z_abl) - cpu[L].decode(z_PF)
+            modified_TD = clean_full_TD.clone()
+            modified_TD[gene_P] = clean_full_TD[gene_P] + delta_PD
+            ablated = full_pass(backend, batch, L, modified_TD[None].to(backend.device, backend.dtype))
+            passes += 1
+            active_positions = torch.nonzero(active_P).flatten()
+            for dl in targets:
+                clean_codes = cpu[dl].encode(clean_down[dl])  # re-encoded for every feature
+                ablated_codes = cpu[dl].encode(ablated[dl][0].cpu()[gene_P])
+                per_pos = [(ablated_codes[p] - clean_codes[p]).numpy().astype(np.float64) for p in active_positions]
+                acc[(f, dl)].update(np.mean(per_pos, axis=0))
+        fired_per_cell.append(fired)
+    if torch.device(backend.device).type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    S, NL = len(feats), len(targets)
+    out = {
+        "n_S": np.array([n_active[f] for f in feats], np.int64),
+        "sum_SLG": np.zeros((S, NL, G)),
+        "sumsq_SLG": np.zeros((S, NL, G)),
+        "pos_SLG": np.zeros((S, NL, G), np.int64),
+        "neg_SLG": np.zeros((S, NL, G), np.int64),
+    }
+    for si, f in enumerate(feats):
+        for li, dl in enumerate(targets):
+            a = acc[(f, dl)]
+            out["sum_SLG"][si, li] = a.n * a.mean
+            out["sumsq_SLG"][si, li] = a.m2 + a.n * a.mean**2
+            out["pos_SLG"][si, li], out["neg_SLG"][si, li] = a.pos, a.neg
+    return out, {"wall_time_s": wall, "passes": passes, "fired_per_cell": fired_per_cell}
+
+
+def to_stats(raw: dict[str, np.ndarray], like: SweepStats, wall: float) -> SweepStats:
+    S, NL, G = raw["sum_SLG"].shape
+    return SweepStats(
+        source_layer=like.source_layer,
+        source_features_S=like.source_features_S,
+        target_layers_L=like.target_layers_L,
+        n_target_features=G,
+        null_sum_SRLG=np.zeros((S, 0, NL, G)),
+        null_sumsq_SRLG=np.zeros((S, 0, NL, G)),
+        null_pos_SRLG=np.zeros((S, 0, NL, G), np.int64),
+        null_neg_SRLG=np.zeros((S, 0, NL, G), np.int64),
+        n_cells=like.n_cells,
+        cells_digest=like.cells_digest,
+        forward_passes=int(raw["n_S"].sum()),
+        wall_time_s=wall,
+        **raw,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOP accounting
+# ---------------------------------------------------------------------------------------------------
+def block_flops(T: int, d: int, ffn: int) -> float:
+    """Matmul FLOPs of one BERT block on one T-token sequence: T·(8d² + 4d·ffn) + 4T²d (QKᵀ and AV)."""
+    return T * (8.0 * d * d + 4.0 * d * ffn) + 4.0 * T * T * d
+
+
+def sweep_downstream_flops(cells, fired_per_cell, n_blocks, per_batch, d, ffn, null_draws=0) -> float:
+    """FLOPs of the sweep's ablation batches: per cell ⌈m/B⌉ batches, m ablated rows + one clean row each."""
+    total = 0.0
+    for cell, fired in zip(cells, fired_per_cell):
+        m = fired * (1 + null_draws)
+        if m == 0:
+            continue
+        rows = m + math.ceil(m / per_batch)
+        total += rows * n_blocks * block_flops(len(cell.input_ids), d, ffn)
+    return total
+
+
+def matmul_flops_per_s(m: int, k: int, n: int, device: torch.device, bf16: bool, seconds: float = 1.0) -> float:
+    """Measured FLOP/s of torch.matmul (m×k)·(k×n) in the sweep's precision."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.matmul(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            torch.matmul(a, b)
+            reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    return 2.0 * m * k * n * reps / dt
+
+
+class TimedBackend(Backend):
+    """Delegates to a backend and times the downstream `run_blocks` calls (start > source layer)."""
+
+    def __init__(self, inner: Backend, source_layer: int):
+        self.inner, self.source_layer, self.block_s = inner, source_layer, 0.0
+        for name in (
+            "name",
+            "n_layers",
+            "d_model",
+            "pad_token_id",
+            "special_token_ids",
+            "pad_value",
+            "device",
+            "dtype",
+        ):
+            setattr(self, name, getattr(inner, name))
+
+    def collate(self, cells):
+        return self.inner.collate(cells)
+
+    def embed(self, batch):
+        return self.inner.embed(batch)
+
+    def run_blocks(self, h, batch, start, stop):
+        if start <= self.source_layer:
+            yield from self.inner.run_blocks(h, batch, start, stop)
+            return
+        sync = torch.cuda.synchronize if torch.device(self.device).type == "cuda" else (lambda: None)
+        it = self.inner.run_blocks(h, batch, start, stop)
+        while True:
+            sync()
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+                sync()
+            except StopIteration:
+                self.block_s += time.perf_counter() - t0
+                return
+            self.block_s += time.perf_counter() - t0
+            yield item
+
+
+def fired_counts(backend, saes, cells, L, feats) -> list[int]:
+    sae = saes[L]
+    counts = []
+    with torch.no_grad():
+        for cell in cells:
+            batch = backend.collate([cell])
+            h = backend.hidden_states(batch, [L])[L][0]
+            z = sae.to(h.device).encode(h[batch.gene_BT[0]])[:, feats]
+            counts.append(int((z > 0).any(0).sum()))
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------------
+def compare_stats(a: SweepStats, b: SweepStats) -> dict:
+    diffs = {
+        name: float(np.abs(getattr(a, name).astype(np.float64) - getattr(b, name)).max(initial=0.0))
+        for name in STAT_NAMES
+    }
+    same_edges = {}
+    for mode in ("corrected", "reference"):
+        ea, eb = edge_table(a, "bench", mode), edge_table(b, "bench", mode)
+        key = ["source_feature", "target_layer", "target_feature"]
+        same_edges[mode] = (len(ea), ea[key].values.tolist() == eb[key].values.tolist())
+    return {"max_abs_diff": diffs, "edges": same_edges}
+
+
+def edge_agreement(a: SweepStats, b: SweepStats) -> dict:
+    """Agreement of two sweeps' corrected edges (Jaccard, sign) and of d over the common tests."""
+    key = ["source_feature", "target_layer", "target_feature"]
+    ea, eb = edge_table(a, "x"), edge_table(b, "x")
+    sa = {tuple(r) for r in ea[key].values.tolist()}
+    sb = {tuple(r) for r in eb[key].values.tolist()}
+    ta, tb = edge_statistics(a, "x"), edge_statistics(b, "x")
+    m = ta.merge(tb, on=key, suffixes=("_a", "_b")).dropna(subset=["cohens_d_a", "cohens_d_b"])
+    union = sa | sb
+    return {
+        "edges_fp32": len(sa),
+        "edges_bf16": len(sb),
+        "common": len(sa & sb),
+        "jaccard": len(sa & sb) / len(union) if union else 1.0,
+        "d_pearson": float(np.corrcoef(m["cohens_d_a"], m["cohens_d_b"])[0, 1]) if len(m) > 1 else None,
+        "d_max_abs_diff": float((m["cohens_d_a"] - m["cohens_d_b"]).abs().max()) if len(m) else None,
+    }
+
+
+def run_small(args) -> dict:
+    import model_fixtures as fx
+
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = make_geneformer(
+            Path(tmp),
+            n_layers=args.layers,
+            hidden=args.hidden,
+            heads=args.heads,
+            ffn=4 * args.hidden,
+            max_pos=512,
+            n_genes=args.vocab_genes,
+            device=args.device,
+            seed=0,
+        )
+    cells = fx.random_cells(backend, args.cells, args.min_len, args.max_len, seed=1)
+    source_layers = (
+        [args.source_layer] if args.source_layers is None else [int(x) for x in args.source_layers.split(",")]
+    )
+    saes = fitted_saes(
+        backend,
+        cells,
+        list(range(min(source_layers), backend.n_layers)),
+        n_features=args.sae_features,
+        k=args.sae_k,
+        seed=2,
+    )
+    feats = list(range(0, args.sae_features, max(1, args.sae_features // args.features)))[: args.features]
+    cfg = SweepConfig(ablations_per_batch=args.ablations_per_batch, seed=0)
+    median_T = int(np.median([len(c.input_ids) for c in cells]))
+    peak = matmul_flops_per_s(
+        (args.ablations_per_batch + 1) * median_T, backend.d_model, 4 * backend.d_model, device, bf16=False
+    )
+    per_layer, agree = [], True
+    for L in source_layers:
+        targets = list(range(L + 1, backend.n_layers))
+        run_sweep(backend, saes, cells[:2], L, feats[:2], targets, cfg)  # warm-up
+        stats = run_sweep(backend, saes, cells, L, feats, targets, cfg)
+        timed = TimedBackend(backend, L)  # a second run, timing the downstream blocks (synchronised)
+        timed_stats = run_sweep(timed, saes, cells, L, feats, targets, cfg)
+        ref_raw, ref_info = reference_sweep(backend, saes, cells, L, feats, targets)
+        ref = to_stats(ref_raw, stats, ref_info["wall_time_s"])
+        cmp = compare_stats(stats, ref)
+        flops = sweep_downstream_flops(
+            cells,
+            ref_info["fired_per_cell"],
+            targets[-1] - L,
+            args.ablations_per_batch,
+            backend.d_model,
+            4 * backend.d_model,
+        )
+        ok = all(v <= 1e-5 for v in cmp["max_abs_diff"].values()) and all(s for _, s in cmp["edges"].values())
+        agree &= ok
+        per_layer.append(
+            {
+                "source_layer": L,
+                "targets": targets,
+                "fired_pairs": int(stats.n_S.sum()),
+                "sweep_s": stats.wall_time_s,
+                "reference_s": ref.wall_time_s,
+                "speedup": ref.wall_time_s / stats.wall_time_s,
+                "reference_passes": ref_info["passes"],
+                "sweep_ablated_passes": stats.forward_passes,
+                "max_abs_diff": cmp["max_abs_diff"],
+                "edges_corrected_reference_mode": [cmp["edges"]["corrected"][0], cmp["edges"]["reference"][0]],
+                "agree": ok,
+                "downstream_gflop": flops / 1e9,
+                "gflops_per_s_overall": flops / stats.wall_time_s / 1e9,
+                "gflops_per_s_in_blocks": flops / timed.block_s / 1e9,
+                "blocks_share_of_sweep_time": timed.block_s / timed_stats.wall_time_s,
+                "fraction_of_matmul_overall": flops / stats.wall_time_s / peak,
+                "fraction_of_matmul_in_blocks": flops / timed.block_s / peak,
+            }
+        )
+    sweep_s = sum(r["sweep_s"] for r in per_layer)
+    ref_s = sum(r["reference_s"] for r in per_layer)
+    return {
+        "model": f"Geneformer-shaped {backend.n_layers}L d{backend.d_model} heads{args.heads} "
+        f"ffn{4 * backend.d_model} vocab{backend.vocab_size}",
+        "sae": f"F={args.sae_features} k={args.sae_k}",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cells": len(cells),
+        "median_tokens": median_T,
+        "source_features": len(feats),
+        "ablations_per_batch": args.ablations_per_batch,
+        "matmul_gflops_per_s": peak / 1e9,
+        "per_source_layer": per_layer,
+        "sweep_s": sweep_s,
+        "reference_s": ref_s,
+        "speedup": ref_s / sweep_s,
+        "agree": bool(agree),
+    }
+
+
+def run_real_size(args) -> dict:
+    import model_fixtures as fx
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (the reference's precision)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = make_geneformer(
+            Path(tmp),
+            n_layers=18,
+            hidden=1152,
+            heads=18,
+            ffn=4608,
+            max_pos=4096,
+            n_genes=20271,
+            device=args.device,
+            seed=0,
+        )
+    setup_s = time.perf_counter() - t0
+    cells = fx.random_cells(backend, args.cells, args.min_len, args.max_len, seed=1)
+    L = args.source_layer
+    targets = list(range(L + 1, backend.n_layers))
+    saes = fitted_saes(backend, cells, [L, *targets], n_features=4 * 1152, k=32, seed=2)
+    feats = list(range(0, 4 * 1152, (4 * 1152) // args.features))[: args.features]
+    fired = fired_counts(backend, saes, cells, L, feats)
+    cfg = SweepConfig(ablations_per_batch=args.ablations_per_batch, seed=0)
+    run_sweep(backend, saes, cells[:1], L, feats[:2], targets, cfg)  # warm-up (kernels, allocator)
+    timed = TimedBackend(backend, L)
+    stats = run_sweep(timed, saes, cells, L, feats, targets, cfg)
+    flops = sweep_downstream_flops(cells, fired, targets[-1] - L, args.ablations_per_batch, 1152, 4608)
+    median_T = int(np.median([len(c.input_ids) for c in cells]))
+    peak = matmul_flops_per_s((args.ablations_per_batch + 1) * median_T, 1152, 4608, device, bf16=False)
+    passes_per_s = stats.forward_passes / stats.wall_time_s
+    result = {
+        "model": "Geneformer V2-316M-shaped (random init) 18L d1152 h18 ffn4608",
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "setup_s": setup_s,
+        "cells": len(cells),
+        "median_tokens": median_T,
+        "source_layer": L,
+        "source_features": len(feats),
+        "fired_pairs": int(stats.n_S.sum()),
+        "fp32": {
+            "sweep_s": stats.wall_time_s,
+            "passes": stats.forward_passes,
+            "passes_per_s": passes_per_s,
+            "speedup_vs_reference_1.46s_per_pass": passes_per_s * REFERENCE_S_PER_PASS,
+            "downstream_tflop": flops / 1e12,
+            "tflops_per_s_overall": flops / stats.wall_time_s / 1e12,
+            "tflops_per_s_in_blocks": flops / timed.block_s / 1e12,
+            "matmul_tflops_per_s": peak / 1e12,
+            "fraction_of_matmul_overall": flops / stats.wall_time_s / peak,
+            "fraction_of_matmul_in_blocks": flops / timed.block_s / peak,
+            "edges_corrected": len(edge_table(stats, "x")),
+            "summary": summarize_edges(edge_table(stats, "x"), stats),
+        },
+    }
+    if args.bf16 and device.type != "cuda":
+        result["bf16"] = "skipped: bf16 autocast is for the GPU only (on CPUs bf16 matmuls are far slower than fp32)"
+    elif args.bf16:
+        cfg16 = SweepConfig(ablations_per_batch=args.ablations_per_batch, seed=0, autocast_bf16=True)
+        run_sweep(backend, saes, cells[:1], L, feats[:2], targets, cfg16)
+        timed16 = TimedBackend(backend, L)
+        s16 = run_sweep(timed16, saes, cells, L, feats, targets, cfg16)
+        peak16 = matmul_flops_per_s((args.ablations_per_batch + 1) * median_T, 1152, 4608, device, bf16=True)
+        result["bf16"] = {
+            "sweep_s": s16.wall_time_s,
+            "passes_per_s": s16.forward_passes / s16.wall_time_s,
+            "speedup_vs_reference_1.46s_per_pass": s16.forward_passes / s16.wall_time_s * REFERENCE_S_PER_PASS,
+            "tflops_per_s_overall": flops / s16.wall_time_s / 1e12,
+            "matmul_tflops_per_s": peak16 / 1e12,
+            "fraction_of_matmul_overall": flops / s16.wall_time_s / peak16,
+            "fraction_of_matmul_in_blocks": flops / timed16.block_s / peak16,
+            "agreement_with_fp32": edge_agreement(stats, s16),
+        }
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    ap.add_argument("--real-size", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="with --real-size: also a bf16-autocast sweep")
+    ap.add_argument("--cells", type=int, default=None)
+    ap.add_argument("--features", type=int, default=None)
+    ap.add_argument("--source-layer", type=int, default=0)
+    ap.add_argument("--source-layers", default=None, help="small model: comma-separated list (e.g. 0,1,2)")
+    ap.add_argument("--ablations-per-batch", type=int, default=None)
+    ap.add_argument("--min-len", type=int, default=None)
+    ap.add_argument("--max-len", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=4, help="small model: blocks")
+    ap.add_argument("--hidden", type=int, default=64, help="small model: d_model")
+    ap.add_argument("--heads", type=int, default=4, help="small model: heads")
+    ap.add_argument(
+        "--vocab-genes",
+        type=int,
+        default=1000,
+        help="small model: genes in the vocabulary; 1000 makes the MLM head that the reference computes "
+        "cost about one block, as in the real model (2·1152·20275 vs ~41 MFLOP per token)",
+    )
+    ap.add_argument("--sae-features", type=int, default=256)
+    ap.add_argument("--sae-k", type=int, default=16)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    defaults = (
+        {"cells": 200, "features": 30, "ablations_per_batch": 16, "min_len": 1900, "max_len": 2100}
+        if args.real_size
+        else {"cells": 24, "features": 16, "ablations_per_batch": 32, "min_len": 40, "max_len": 120}
+    )
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    result = run_real_size(args) if args.real_size else run_small(args)
+    text = json.dumps(result, indent=2, default=float)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    if not args.real_size:
+        for r in result["per_source_layer"]:
+            print(
+                f"source layer {r['source_layer']}: sweep {r['sweep_s']:.2f} s, reference {r['reference_s']:.2f} s, "
+                f"speedup {r['speedup']:.1f}x, agree={r['agree']}, downstream blocks at "
+                f"{r['fraction_of_matmul_in_blocks']:.0%} of matmul FLOP/s "
+                f"({r['fraction_of_matmul_overall']:.0%} over the whole sweep)"
+            )
+        print(
+            f"total: sweep {result['sweep_s']:.2f} s, reference {result['reference_s']:.2f} s, "
+            f"speedup {result['speedup']:.1f}x, agree={result['agree']}"
+        )
+        return 0 if result["agree"] else 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,571 @@
+"""Ablation sweep (method.md §6, §10): per-(source feature, target layer, target feature) sufficient statistics.
+
+For a traced cell where source feature f (layer L) fires, the error-preserving zero-ablation is
+h'_L = h_L − z_f · W_dec[:, f] at f's firing positions; blocks L+1..max(target) are run from h'_L and
+δ_g = mean over the response positions of (a_ℓ,g − c_ℓ,g), a/c = SAE codes of the ablated/clean h_ℓ.
+
+How the work is laid out (the levers of §10):
+- one clean pass per cell, blocks 0..L only (h_L and the source codes);
+- all ablations of one cell go into batches of identical rows (no padding), each batch carrying one
+  unablated copy of the cell; δ is taken against that in-batch copy, so batch-size-dependent numerics
+  cancel; blocks 0..L are never re-run and nothing after the last target layer is run;
+- ablated states are SAE-encoded only at the positions where the response is read; the in-batch clean
+  copy only at the union of those positions;
+- (cell, feature) pairs where the feature never fires are skipped (they contribute n = 0).
+Statistics are float64 sums (int64 counts) so shards over source features merge exactly (`merge_stats`).
+
+Null control: per source feature, `null_draws` random unit directions u_r (seeded by (seed, layer, f, r)
+only, so they do not depend on sharding) ablated as h' = h − z_f ‖W_dec[:, f]‖ u_r: the same positions and
+per-position norm as the real ablation, read at the same positions; their statistics are kept apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ctrace.errors import CtraceInputError
+from ctrace.io import write_npz
+from ctrace.models.base import Backend, Cell
+from ctrace.sae import TopKSAE
+
+RESPONSES = ("firing", "all")
+SELECTION_STRATEGIES = ("top_frequency", "annotated", "random", "explicit", "all")
+STATS_FORMAT = "ctrace.sweep_stats/1"
+
+
+# ---------------------------------------------------------------------------------------------------
+# configuration and source-feature selection
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SweepConfig:
+    """How a sweep is run. `device` None = the backend's device.
+
+    ablation_scale: multiplies the removed contribution (1 = zero-ablation; 0 = a no-op control whose
+    δ must be exactly 0). autocast_bf16: run the transformer blocks under bf16 autocast (GPU only; the
+    SAE encodes and δ stay fp32); check edge agreement with fp32 before relying on it.
+    """
+
+    ablations_per_batch: int = 32
+    response: str = "firing"
+    null_draws: int = 0
+    seed: int = 0
+    device: str | None = None
+    ablation_scale: float = 1.0
+    autocast_bf16: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ablations_per_batch < 1:
+            raise CtraceInputError(f"sweep: ablations_per_batch must be ≥ 1, got {self.ablations_per_batch}")
+        if self.response not in RESPONSES:
+            raise CtraceInputError(f"sweep: response {self.response!r} is not one of {RESPONSES}")
+        if self.null_draws < 0:
+            raise CtraceInputError(f"sweep: null_draws must be ≥ 0, got {self.null_draws}")
+        if not np.isfinite(self.ablation_scale):
+            raise CtraceInputError(f"sweep: ablation_scale must be finite, got {self.ablation_scale}")
+
+
+def select_source_features(
+    strategy: str,
+    frequency_F: np.ndarray,
+    annotated_scores_F: np.ndarray | None,
+    n: int,
+    seed: int,
+    explicit: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Source feature ids (int64), in selection order.
+
+    top_frequency: the n most frequently firing features (ties: lower id first).
+    annotated: features with ≥1 significant term, richest first (most significant terms, ties by higher
+      frequency, then lower id); at most n, fewer if fewer are annotated.
+    random: n distinct features drawn (seeded) among those that fire at all; returned sorted.
+    explicit: the given ids, validated (in range, unique), in the given order.
+    all: every feature (features that never fire are skipped by the sweep at no cost).
+    """
+    freq = np.asarray(frequency_F, dtype=np.float64)
+    n_features = freq.shape[0]
+    if strategy not in SELECTION_STRATEGIES:
+        raise CtraceInputError(f"source feature strategy {strategy!r} is not one of {SELECTION_STRATEGIES}")
+    if strategy == "all":
+        return np.arange(n_features, dtype=np.int64)
+    if strategy == "explicit":
+        if explicit is None:
+            raise CtraceInputError("source feature strategy 'explicit' needs a list of feature ids")
+        ids = np.asarray(list(explicit), dtype=np.int64)
+        bad = ids[(ids < 0) | (ids >= n_features)]
+        if bad.size:
+            raise CtraceInputError(f"explicit source features out of range 0..{n_features - 1}: {bad.tolist()}")
+        if np.unique(ids).size != ids.size:
+            raise CtraceInputError("explicit source features contain duplicates")
+        return ids
+    if n < 0:
+        raise CtraceInputError(f"number of source features must be ≥ 0, got {n}")
+    ids = np.arange(n_features, dtype=np.int64)
+    if strategy == "top_frequency":
+        order = np.lexsort((ids, -freq))
+        return order[:n].astype(np.int64)
+    if strategy == "random":
+        alive = ids[freq > 0]
+        rng = np.random.default_rng(seed)
+        return np.sort(rng.choice(alive, size=min(n, alive.size), replace=False)).astype(np.int64)
+    # annotated
+    if annotated_scores_F is None:
+        raise CtraceInputError("source feature strategy 'annotated' needs per-feature annotation scores")
+    score = np.asarray(annotated_scores_F, dtype=np.float64)
+    if score.shape != freq.shape:
+        raise CtraceInputError(f"annotation scores have shape {score.shape}, frequencies {freq.shape}")
+    order = np.lexsort((ids, -freq, -score))
+    order = order[score[order] > 0]
+    return order[:n].astype(np.int64)
+
+
+def null_directions(seed: int, source_layer: int, feature: int, draws: int, d_model: int) -> torch.Tensor:
+    """u_RD: `draws` random unit directions, a function of (seed, source_layer, feature) only (float32, CPU)."""
+    state = np.random.SeedSequence([int(seed), int(source_layer), int(feature)]).generate_state(2, np.uint32)
+    gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    u = torch.randn(draws, d_model, generator=gen, dtype=torch.float64)
+    return (u / u.norm(dim=1, keepdim=True)).float()
+
+
+def cells_digest(cells: Sequence[Cell]) -> str:
+    """SHA-1 over the cells' token ids (and values): shards may only be merged if traced on equal cells."""
+    digest = hashlib.sha1()
+    for cell in cells:
+        ids = np.ascontiguousarray(cell.input_ids, dtype=np.int64)
+        digest.update(np.int64(ids.size).tobytes())
+        digest.update(ids.tobytes())
+        if cell.values is not None:
+            digest.update(np.ascontiguousarray(cell.values, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# statistics container
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class SweepStats:
+    """Sufficient statistics of one sweep (one source layer, a set of source features, fixed cells).
+
+    S source features, L target layers, G target features (equal for all target layers), R null draws.
+    n_S: cells where source feature s fired (= n of every (s, ℓ, g): each such cell gives one δ per
+    target). sum/sumsq: Σδ, Σδ² (float64); pos/neg: #δ>0, #δ<0 (int64). `null_*` the same for the
+    random-direction controls, per draw (their n is n_S too).
+    """
+
+    source_layer: int
+    source_features_S: np.ndarray
+    target_layers_L: np.ndarray
+    n_target_features: int
+    n_S: np.ndarray
+    sum_SLG: np.ndarray
+    sumsq_SLG: np.ndarray
+    pos_SLG: np.ndarray
+    neg_SLG: np.ndarray
+    null_sum_SRLG: np.ndarray
+    null_sumsq_SRLG: np.ndarray
+    null_pos_SRLG: np.ndarray
+    null_neg_SRLG: np.ndarray
+    response: str = "firing"
+    ablation_scale: float = 1.0
+    seed: int = 0
+    null_draws: int = 0
+    n_cells: int = 0
+    cells_digest: str = ""
+    backend: str = ""
+    forward_passes: int = 0  # ablated sequences run (real source features)
+    null_forward_passes: int = 0  # ablated sequences run for the null directions
+    clean_passes: int = 0  # clean sequences run: one per cell (blocks 0..L) + one per ablation batch
+    clean_block_tokens: int = 0  # Σ tokens × blocks of the per-cell clean passes (blocks 0..L)
+    downstream_block_tokens: int = 0  # Σ rows × tokens × blocks of the ablation batches (blocks L+1..)
+    wall_time_s: float = 0.0
+
+    @property
+    def n_SLG(self) -> np.ndarray:
+        """n broadcast to every (s, ℓ, g) (read-only view)."""
+        shape = (self.n_S.shape[0], self.target_layers_L.shape[0], self.n_target_features)
+        return np.broadcast_to(self.n_S[:, None, None], shape)
+
+    # ---- persistence ------------------------------------------------------------------------------
+    _ARRAYS = (
+        "source_features_S",
+        "target_layers_L",
+        "n_S",
+        "sum_SLG",
+        "sumsq_SLG",
+        "pos_SLG",
+        "neg_SLG",
+        "null_sum_SRLG",
+        "null_sumsq_SRLG",
+        "null_pos_SRLG",
+        "null_neg_SRLG",
+    )
+    _INTS = (
+        "source_layer",
+        "n_target_features",
+        "seed",
+        "null_draws",
+        "n_cells",
+        "forward_passes",
+        "null_forward_passes",
+        "clean_passes",
+        "clean_block_tokens",
+        "downstream_block_tokens",
+    )
+    _FLOATS = ("ablation_scale", "wall_time_s")
+    _STRS = ("response", "cells_digest", "backend")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write an uncompressed .npz atomically (layout: see `SweepStats.load`)."""
+        arrays: dict[str, np.ndarray] = {"format": np.array(STATS_FORMAT)}
+        for name in self._ARRAYS:
+            arrays[name] = np.ascontiguousarray(getattr(self, name))
+        for name in self._INTS:
+            arrays[name] = np.array(int(getattr(self, name)), dtype=np.int64)
+        for name in self._FLOATS:
+            arrays[name] = np.array(float(getattr(self, name)), dtype=np.float64)
+        for name in self._STRS:
+            arrays[name] = np.array(str(getattr(self, name)))
+        write_npz(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SweepStats:
+        """Read a file written by `save`.
+
+        Layout: `format` = "ctrace.sweep_stats/1"; int64 arrays source_features_S (S,), target_layers_L (L,),
+        n_S (S,), pos_SLG/neg_SLG (S, L, G), null_pos_SRLG/null_neg_SRLG (S, R, L, G); float64 sum_SLG,
+        sumsq_SLG (S, L, G), null_sum_SRLG, null_sumsq_SRLG (S, R, L, G); 0-d int64 scalars source_layer,
+        n_target_features, seed, null_draws, n_cells, forward_passes, null_forward_passes, clean_passes,
+        clean_block_tokens, downstream_block_tokens; 0-d float64 ablation_scale, wall_time_s; 0-d str
+        response, cells_digest, backend.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "format" not in data or str(data["format"]) != STATS_FORMAT:
+                    raise CtraceInputError(f"{path}: not a ctrace sweep-statistics file ({STATS_FORMAT})")
+                kwargs = {name: np.array(data[name]) for name in cls._ARRAYS}
+                kwargs.update({name: int(data[name]) for name in cls._INTS})
+                kwargs.update({name: float(data[name]) for name in cls._FLOATS})
+                kwargs.update({name: str(data[name]) for name in cls._STRS})
+        except (OSError, KeyError, ValueError) as err:
+            if isinstance(err, CtraceInputError):
+                raise
+            raise CtraceInputError(f"{path}: cannot read sweep statistics ({err})") from None
+        return cls(**kwargs)
+
+
+def _empty_stats(n_sources: int, n_layers: int, n_feats: int, draws: int) -> dict[str, np.ndarray]:
+    return {
+        "n_S": np.zeros(n_sources, np.int64),
+        "sum_SLG": np.zeros((n_sources, n_layers, n_feats), np.float64),
+        "sumsq_SLG": np.zeros((n_sources, n_layers, n_feats), np.float64),
+        "pos_SLG": np.zeros((n_sources, n_layers, n_feats), np.int64),
+        "neg_SLG": np.zeros((n_sources, n_layers, n_feats), np.int64),
+        "null_sum_SRLG": np.zeros((n_sources, draws, n_layers, n_feats), np.float64),
+        "null_sumsq_SRLG": np.zeros((n_sources, draws, n_layers, n_feats), np.float64),
+        "null_pos_SRLG": np.zeros((n_sources, draws, n_layers, n_feats), np.int64),
+        "null_neg_SRLG": np.zeros((n_sources, draws, n_layers, n_feats), np.int64),
+    }
+
+
+def merge_stats(parts: Sequence[SweepStats]) -> SweepStats:
+    """Exact union of shards over disjoint source features (sorted by feature id); counters are summed.
+
+    The result does not depend on how the source features were split: each feature's sums come from
+    the same cells in the same order whatever shard it ran in.
+    """
+    if not parts:
+        raise CtraceInputError("merge_stats: nothing to merge")
+    first = parts[0]
+    for key in (
+        "source_layer",
+        "n_target_features",
+        "response",
+        "ablation_scale",
+        "seed",
+        "null_draws",
+        "n_cells",
+        "cells_digest",
+    ):
+        values = {getattr(p, key) for p in parts}
+        if len(values) > 1:
+            raise CtraceInputError(f"merge_stats: shards disagree on {key}: {sorted(map(str, values))}")
+    for p in parts[1:]:
+        if not np.array_equal(p.target_layers_L, first.target_layers_L):
+            raise CtraceInputError(
+                f"merge_stats: shards disagree on target layers: {first.target_layers_L.tolist()} vs "
+                f"{p.target_layers_L.tolist()}"
+            )
+    feats = np.concatenate([p.source_features_S for p in parts])
+    uniq, counts = np.unique(feats, return_counts=True)
+    if (counts > 1).any():
+        raise CtraceInputError(f"merge_stats: source features in more than one shard: {uniq[counts > 1].tolist()}")
+    order = np.argsort(feats, kind="stable")
+    arrays = {
+        name: np.concatenate([getattr(p, name) for p in parts])[order]
+        for name in SweepStats._ARRAYS
+        if name not in ("target_layers_L",)
+    }
+    return SweepStats(
+        source_layer=first.source_layer,
+        target_layers_L=first.target_layers_L.copy(),
+        n_target_features=first.n_target_features,
+        response=first.response,
+        ablation_scale=first.ablation_scale,
+        seed=first.seed,
+        null_draws=first.null_draws,
+        n_cells=first.n_cells,
+        cells_digest=first.cells_digest,
+        backend=first.backend,
+        forward_passes=sum(p.forward_passes for p in parts),
+        null_forward_passes=sum(p.null_forward_passes for p in parts),
+        clean_passes=sum(p.clean_passes for p in parts),
+        clean_block_tokens=sum(p.clean_block_tokens for p in parts),
+        downstream_block_tokens=sum(p.downstream_block_tokens for p in parts),
+        wall_time_s=sum(p.wall_time_s for p in parts),
+        **arrays,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# the sweep
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    """What every ablation batch of one sweep shares (internal)."""
+
+    backend: Backend
+    source_layer: int
+    stop: int  # last block run = deepest target layer
+    sae_slots: dict[int, tuple[int, TopKSAE]]  # target layer → (accumulator slot, SAE on the device)
+    dir_ID: torch.Tensor  # ablation directions: real (s < S) then null (S + s·R + r), scale applied
+    response: str
+    amp: dict
+    acc: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # Σδ, Σδ², #δ>0, #δ<0 (item, ℓ, g)
+
+
+def _sae_on(sae: TopKSAE, device: torch.device) -> TopKSAE:
+    """The SAE on `device` (a moved copy if needed; the caller's module is left where it is)."""
+    if sae.W_dec_DF.device == device:
+        return sae.eval()
+    return copy.deepcopy(sae).to(device).eval()
+
+
+def _check_inputs(
+    backend: Backend, saes: dict[int, TopKSAE], source_layer: int, source_features: np.ndarray, target_layers: list[int]
+) -> int:
+    backend._check_layers([source_layer, *target_layers])
+    if not target_layers:
+        raise CtraceInputError("sweep: no target layers")
+    early = [t for t in target_layers if t <= source_layer]
+    if early:
+        raise CtraceInputError(f"sweep: target layers {early} are not after the source layer {source_layer}")
+    missing = [layer for layer in [source_layer, *target_layers] if layer not in saes]
+    if missing:
+        raise CtraceInputError(f"sweep: no SAE for layer(s) {missing}")
+    for layer in [source_layer, *target_layers]:
+        if saes[layer].shape.d_model != backend.d_model:
+            raise CtraceInputError(
+                f"sweep: SAE of layer {layer} has d_model {saes[layer].shape.d_model}, model has {backend.d_model}"
+            )
+    widths = {saes[t].shape.n_features for t in target_layers}
+    if len(widths) != 1:
+        raise CtraceInputError(f"sweep: target-layer SAEs must have equal widths, got {sorted(widths)}")
+    n_src = saes[source_layer].shape.n_features
+    bad = source_features[(source_features < 0) | (source_features >= n_src)]
+    if bad.size:
+        raise CtraceInputError(f"sweep: source features out of range 0..{n_src - 1}: {bad.tolist()}")
+    if np.unique(source_features).size != source_features.size:
+        raise CtraceInputError("sweep: duplicate source features")
+    return widths.pop()
+
+
+@torch.inference_mode()
+def run_sweep(
+    backend: Backend,
+    saes: dict[int, TopKSAE],
+    cells: Sequence[Cell],
+    source_layer: int,
+    source_features: Sequence[int],
+    target_layers: Sequence[int],
+    cfg: SweepConfig,
+) -> SweepStats:
+    """Ablate every source feature in every cell where it fires; accumulate δ statistics per target.
+
+    δ_g = mean_{t ∈ response positions} (a_ℓ,g(t) − c_ℓ,g(t)),  h'_L(t) = h_L(t) − s·z_f(t)·W_dec[:, f].
+    """
+    t_start = time.perf_counter()
+    L = int(source_layer)
+    src = np.asarray(list(source_features), dtype=np.int64)
+    targets = sorted({int(t) for t in target_layers})
+    n_feats = _check_inputs(backend, saes, L, src, targets)
+    device = torch.device(cfg.device) if cfg.device is not None else torch.device(backend.device)
+    if device.type != torch.device(backend.device).type:
+        raise CtraceInputError(f"sweep: device {device} differs from the model's device {backend.device}")
+    sae_src = _sae_on(saes[L], device)
+    S, R, NL, D = src.size, cfg.null_draws, len(targets), backend.d_model
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)
+
+    # Ablation directions: v = s·W_dec[:, f] (real) and s·‖W_dec[:, f]‖·u_r (null), rows (S·(1+R), D).
+    w_SD = sae_src.W_dec_DF[:, torch.from_numpy(src).to(device)].T.float() * cfg.ablation_scale
+    dirs = [w_SD]
+    if R:
+        u = torch.stack([null_directions(cfg.seed, L, int(f), R, D) for f in src]) if S else torch.zeros(0, R, D)
+        norms = sae_src.W_dec_DF[:, torch.from_numpy(src).to(device)].norm(dim=0).float()
+        dirs.append((u.to(device) * (norms * cfg.ablation_scale)[:, None, None]).reshape(S * R, D))
+    dir_ID = torch.cat(dirs)  # item kinds: s (real) for s < S, then S + s·R + r (null)
+
+    # Accumulators on the device: index 0..S-1 real, S.. null (s·R + r), float64 sums, int64 counts.
+    n_items = S * (1 + R)
+    acc_sum = torch.zeros(n_items, NL, n_feats, dtype=torch.float64, device=device)
+    acc_sq = torch.zeros_like(acc_sum)
+    acc_pos = torch.zeros(n_items, NL, n_feats, dtype=torch.int64, device=device)
+    acc_neg = torch.zeros_like(acc_pos)
+    plan = _Plan(
+        backend=backend,
+        source_layer=L,
+        stop=targets[-1],
+        sae_slots={t: (i, _sae_on(saes[t], device)) for i, t in enumerate(targets)},
+        dir_ID=dir_ID,
+        response=cfg.response,
+        amp=amp,
+        acc=(acc_sum, acc_sq, acc_pos, acc_neg),
+    )
+    n_S = np.zeros(S, np.int64)
+    counters = dict(
+        forward_passes=0, null_forward_passes=0, clean_passes=0, clean_block_tokens=0, downstream_block_tokens=0
+    )
+    src_dev = torch.from_numpy(src).to(device)
+
+    for cell in cells:
+        batch1 = backend.collate([cell])
+        T = batch1.input_ids_BT.shape[1]
+        gene_P = torch.nonzero(batch1.gene_BT[0]).flatten()
+        if gene_P.numel() == 0 or S == 0:
+            continue
+        with torch.autocast(**amp):
+            h = backend.embed(batch1)
+            for _, h in backend.run_blocks(h, batch1, 0, L):
+                pass
+        hL_TD = h[0]
+        counters["clean_passes"] += 1
+        counters["clean_block_tokens"] += T * (L + 1)
+        with torch.autocast(device.type, enabled=False):
+            z_PS = sae_src.encode(hL_TD[gene_P].float())[:, src_dev]
+        fires_S = (z_PS > 0).any(dim=0)
+        fired = torch.nonzero(fires_S).flatten()
+        if fired.numel() == 0:
+            continue
+        n_S[fired.cpu().numpy()] += 1
+        # Items of this cell: (direction row, source column); real first, then nulls.
+        item_dir = [fired]
+        item_src = [fired]
+        if R:
+            null_rows = (S + fired[:, None] * R + torch.arange(R, device=device)[None, :]).flatten()
+            item_dir.append(null_rows)
+            item_src.append(fired.repeat_interleave(R))
+        item_dir_I = torch.cat(item_dir)
+        item_src_I = torch.cat(item_src)
+        n_fired, n_items_cell = fired.numel(), item_dir_I.numel()
+        for lo in range(0, n_items_cell, cfg.ablations_per_batch):
+            hi = min(lo + cfg.ablations_per_batch, n_items_cell)
+            _ablation_batch(plan, batch1, hL_TD, gene_P, z_PS, item_dir_I[lo:hi], item_src_I[lo:hi])
+            n_real = max(0, min(hi, n_fired) - lo)
+            counters["forward_passes"] += n_real
+            counters["null_forward_passes"] += hi - lo - n_real
+            counters["clean_passes"] += 1
+            counters["downstream_block_tokens"] += (hi - lo + 1) * T * (plan.stop - L)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    out_sum, out_sq = acc_sum.cpu().numpy(), acc_sq.cpu().numpy()
+    out_pos, out_neg = acc_pos.cpu().numpy(), acc_neg.cpu().numpy()
+
+    def _null(a: np.ndarray) -> np.ndarray:
+        return a[S:].reshape(S, R, NL, n_feats)
+
+    return SweepStats(
+        source_layer=L,
+        source_features_S=src.copy(),
+        target_layers_L=np.asarray(targets, dtype=np.int64),
+        n_target_features=n_feats,
+        n_S=n_S,
+        sum_SLG=out_sum[:S].copy(),
+        sumsq_SLG=out_sq[:S].copy(),
+        pos_SLG=out_pos[:S].copy(),
+        neg_SLG=out_neg[:S].copy(),
+        null_sum_SRLG=_null(out_sum).copy(),
+        null_sumsq_SRLG=_null(out_sq).copy(),
+        null_pos_SRLG=_null(out_pos).copy(),
+        null_neg_SRLG=_null(out_neg).copy(),
+        response=cfg.response,
+        ablation_scale=float(cfg.ablation_scale),
+        seed=int(cfg.seed),
+        null_draws=R,
+        n_cells=len(cells),
+        cells_digest=cells_digest(cells),
+        backend=getattr(backend, "name", type(backend).__name__),
+        wall_time_s=time.perf_counter() - t_start,
+        **counters,
+    )
+
+
+def _ablation_batch(plan: _Plan, batch1, hL_TD, gene_P, z_PS, rows_dir, rows_src) -> None:
+    """One batch of one cell: row 0 = the clean cell, rows 1..I = its ablations; δ added to plan.acc.
+
+    rows_dir: direction row of each ablation; rows_src: its source-feature column of z_PS (gene positions × S).
+    """
+    acc_sum, acc_sq, acc_pos, acc_neg = plan.acc
+    device = hL_TD.device
+    I = rows_dir.numel()
+    # Ablation magnitudes per (item, gene position): z of the item's source feature (0 where it is silent).
+    z_IP = z_PS[:, rows_src].T.contiguous()
+    h_BTD = hL_TD.unsqueeze(0).repeat(I + 1, 1, 1)
+    delta_IPD = (z_IP[:, :, None] * plan.dir_ID[rows_dir][:, None, :]).to(h_BTD.dtype)
+    h_BTD[1:, gene_P] = h_BTD[1:, gene_P] - delta_IPD
+    # Response positions: (item, gene-position index) pairs, and their union for the clean row.
+    resp_IP = z_IP > 0 if plan.response == "firing" else torch.ones_like(z_IP, dtype=torch.bool)
+    item_N, pidx_N = torch.nonzero(resp_IP, as_tuple=True)
+    union_U = torch.nonzero(resp_IP.any(dim=0)).flatten()
+    lut_P = torch.full((gene_P.numel(),), -1, dtype=torch.long, device=device)
+    lut_P[union_U] = torch.arange(union_U.numel(), device=device)
+    count_I = resp_IP.sum(dim=1).to(torch.float64)
+    pos_N = gene_P[pidx_N]
+    batchB = batch1.select(torch.zeros(I + 1, dtype=torch.long, device=batch1.input_ids_BT.device))
+    with torch.autocast(**plan.amp):
+        for layer, h in plan.backend.run_blocks(h_BTD, batchB, plan.source_layer + 1, plan.stop):
+            if layer not in plan.sae_slots:
+                continue
+            slot, sae = plan.sae_slots[layer]
+            with torch.autocast(device.type, enabled=False):
+                # clean and ablated rows in ONE encode: identical inputs give bit-identical codes
+                x = torch.cat([h[0, gene_P[union_U]], h[1 + item_N, pos_N]]).float()
+                codes = sae.encode(x)
+                c_UF, a_NF = codes[: union_U.numel()], codes[union_U.numel() :]
+                diff_NF = (a_NF - c_UF[lut_P[pidx_N]]).to(torch.float64)
+                d_IF = torch.zeros(I, diff_NF.shape[1], dtype=torch.float64, device=device)
+                d_IF.index_add_(0, item_N, diff_NF)
+                d_IF /= count_I[:, None]
+                acc_sum[:, slot].index_add_(0, rows_dir, d_IF)
+                acc_sq[:, slot].index_add_(0, rows_dir, d_IF * d_IF)
+                acc_pos[:, slot].index_add_(0, rows_dir, (d_IF > 0).to(torch.int64))
+                acc_neg[:, slot].index_add_(0, rows_dir, (d_IF < 0).to(torch.int64))
+
+
+__all__ = [
+    "RESPONSES",
+    "SELECTION_STRATEGIES",
+    "SweepConfig",
+    "SweepStats",
+    "cells_digest",
+    "merge_stats",
+    "null_directions",
+    "run_sweep",
+    "select_source_features",
+]
