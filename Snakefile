@@ -11,6 +11,8 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/activations.smk"
 include: "workflow/rules/sae.smk"
+include: "workflow/rules/sweep.smk"
+include: "workflow/rules/edges.smk"
 
 
 rule all:

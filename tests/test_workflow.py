@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,10 @@ def test_dry_run_covers_the_model_condition_layer_grid(tmp_path):
     # 2 models x 4 conditions x 4 demo layers
     assert counts["dump_activations"] == 32
     assert counts["tokenize"] == 8 and counts["select_cells"] == 4
+    # one SAE and one annotation per (model, SAE set, layer); sweeps: 3 source layers x 2 shards
+    assert counts["fit_sae"] == 8 and counts["annotate_features"] == 8
+    assert counts["ablation_sweep"] == 2 * 4 * 3 * 2 and counts["merge_sweep"] == 2 * 4 * 3
+    assert counts["edges"] == 8
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +75,17 @@ def test_demo_run_end_to_end(demo_run):
             for layer in range(4):
                 acts = np.load(results / f"activations/{model}/{condition}/layer{layer}.npy", mmap_mode="r")
                 assert acts.dtype == np.float16 and acts.shape[1] == 64 and np.isfinite(acts).all()
+    quality = pd.read_csv(results / "sae/quality.tsv", sep="\t")
+    assert len(quality) == 8
+    assert (quality["heldout_fvu"] < quality["heldout_pca_fvu"]).all(), quality
+    for model in ("geneformer", "scgpt"):
+        features = pd.read_parquet(results / f"annotation/{model}/pbmc/layer1.features.parquet")
+        assert len(features) == 4 * 64 and features["top_genes"].map(len).max() == 20
+    summary = pd.read_csv(results / "edges/summary.tsv", sep="\t")
+    assert len(summary) == 2 * 4 * 2  # models x conditions x modes
+    assert (summary["forward_passes"] > 0).all()
+    edges = pd.read_parquet(results / "edges/geneformer/b_cell.corrected.parquet")
+    assert (edges["target_layer"] > edges["source_layer"]).all()
+    assert set(edges["ablation_effect_sign"]) <= {"negative", "positive"}
+    # shard files are temporary: only the merged statistics are kept
+    assert not list((results / "sweep").rglob("*.shard*.npz"))

@@ -240,6 +240,87 @@ def cmd_annotate(args) -> None:
              n_annotated, len(features), len(background))
 
 
+def cmd_select_features(args) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from ctrace.io import write_tsv
+    from ctrace.trace import select_source_features
+
+    frequency = np.asarray(json.loads(Path(args.metrics).read_text())["firing_frequency"], dtype=np.float64)
+    features = pd.read_parquet(args.annotation).sort_values("feature")
+    scores = np.zeros(len(frequency))
+    scores[features["feature"].to_numpy()] = features["n_significant"].to_numpy()
+    chosen = select_source_features(
+        args.strategy, frequency, scores, args.n, args.seed, explicit=args.features or None
+    )
+    write_tsv(args.out, pd.DataFrame({"feature": chosen, "firing_frequency": frequency[chosen],
+                                      "n_significant": scores[chosen].astype(int)}))
+    log.info("layer source features (%s): %d selected", args.strategy, len(chosen))
+
+
+def cmd_sweep(args) -> None:
+    import pandas as pd
+
+    from ctrace.sae import load_sae
+    from ctrace.tokenize import TokenizedCells
+    from ctrace.trace import SweepConfig, run_sweep
+
+    backend = _load_backend(args)
+    selected = pd.read_csv(args.sources, sep="\t")["feature"].to_numpy()
+    shard = selected[args.shard * args.features_per_shard : (args.shard + 1) * args.features_per_shard]
+    saes = {}
+    for stem in args.saes:
+        sae, sidecar = load_sae(stem, device=backend.device)
+        saes[int(sidecar["layer"])] = sae
+    cells_file = TokenizedCells.load(args.tokenized)
+    cells = [cells_file.cell(i) for i in range(len(cells_file))]
+    targets = [layer for layer in sorted(saes) if layer > args.layer]
+    cfg = SweepConfig(ablations_per_batch=args.ablations_per_batch, response=args.response,
+                      null_draws=args.null_draws, seed=args.seed)
+    stats = run_sweep(backend, saes, cells, args.layer, shard, targets, cfg)
+    stats.save(args.out)
+    log.info("layer %d shard %d: %d source features, %d ablated passes in %.1fs", args.layer, args.shard,
+             len(shard), stats.forward_passes, stats.wall_time_s)
+
+
+def cmd_merge_sweep(args) -> None:
+    from ctrace.trace import SweepStats, merge_stats
+
+    merge_stats([SweepStats.load(p) for p in args.shards]).save(args.out)
+
+
+def cmd_edges(args) -> None:
+    import pandas as pd
+
+    from ctrace.edges import EdgeCriteria, edge_table, summarize_edges
+    from ctrace.io import write_json, write_parquet, write_tsv
+    from ctrace.trace import SweepStats
+
+    criteria = EdgeCriteria(min_n=args.min_n, q_max=args.q, d_min=args.min_abs_d,
+                            consistency_min=args.min_consistency, reference_top_k=args.reference_top_k)
+    stats = [SweepStats.load(p) for p in args.stats]
+    summaries = {}
+    for mode, out in (("corrected", args.out_corrected), ("reference", args.out_reference)):
+        edges = pd.concat([edge_table(s, args.condition, mode, criteria) for s in stats], ignore_index=True)
+        write_parquet(out, edges)
+        summaries[mode] = summarize_edges(edges, stats, criteria)
+    summary = {"model": args.model, "condition": args.condition, **summaries}
+    write_json(args.summary_json, summary)
+    flat = [{"model": args.model, "condition": args.condition, "mode": mode,
+             **{k: v for k, v in s.items() if not isinstance(v, dict | list)}} for mode, s in summaries.items()]
+    write_tsv(args.summary_tsv, pd.DataFrame(flat))
+    log.info("%s/%s: %s", args.model, args.condition, json.dumps(flat)[:600])
+
+
+def cmd_concat_tables(args) -> None:
+    import pandas as pd
+
+    from ctrace.io import write_tsv
+
+    write_tsv(args.out, pd.concat([pd.read_csv(p, sep="\t") for p in args.tables], ignore_index=True))
+
+
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrace", description=__doc__.splitlines()[0])
@@ -340,6 +421,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-features", required=True)
     p.add_argument("--out-significant", required=True)
     p.set_defaults(func=cmd_annotate)
+
+    p = sub.add_parser("select-features", help="choose the source features of one layer to ablate")
+    p.add_argument("--metrics", required=True, help="SAE metrics JSON (firing frequencies)")
+    p.add_argument("--annotation", required=True, help="features table from annotate")
+    p.add_argument("--strategy", required=True, choices=["top_frequency", "annotated", "random", "explicit", "all"])
+    p.add_argument("--n", type=int, default=30)
+    p.add_argument("--features", type=int, nargs="*", help="explicit feature ids")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_select_features)
+
+    p = sub.add_parser("sweep", help="ablate one shard of source features; write sufficient statistics")
+    _add_model_args(p)
+    p.add_argument("--tokenized", required=True, help="traced cells")
+    p.add_argument("--saes", nargs="+", required=True, help="SAE stems: the source layer and every target layer")
+    p.add_argument("--layer", type=int, required=True, help="source layer")
+    p.add_argument("--sources", required=True, help="selected source features (TSV)")
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--features-per-shard", type=int, required=True)
+    p.add_argument("--ablations-per-batch", type=int, default=32)
+    p.add_argument("--response", default="firing", choices=["firing", "all"])
+    p.add_argument("--null-draws", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("merge-sweep", help="merge shard statistics exactly")
+    p.add_argument("--shards", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge_sweep)
+
+    p = sub.add_parser("edges", help="Cohen's d, t-test, BH and edge calls in both modes")
+    p.add_argument("--model", required=True)
+    p.add_argument("--condition", required=True)
+    p.add_argument("--stats", nargs="+", required=True, help="merged statistics, one per source layer")
+    p.add_argument("--min-n", type=int, default=3)
+    p.add_argument("--q", type=float, default=0.05)
+    p.add_argument("--min-abs-d", type=float, default=0.5)
+    p.add_argument("--min-consistency", type=float, default=0.7)
+    p.add_argument("--reference-top-k", type=int, default=50)
+    p.add_argument("--out-corrected", required=True)
+    p.add_argument("--out-reference", required=True)
+    p.add_argument("--summary-json", required=True)
+    p.add_argument("--summary-tsv", required=True)
+    p.set_defaults(func=cmd_edges)
+
+    p = sub.add_parser("concat-tables", help="stack TSV tables with the same columns")
+    p.add_argument("--tables", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_concat_tables)
     return parser
 
 

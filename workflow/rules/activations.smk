@@ -18,10 +18,12 @@ rule dump_activations:
     params:
         model=get_model_args,
         runtime=get_runtime_args,
+        batch_size=get_batch_size,
         positions=config["activations"]["positions_per_cell"],
         seed=get_condition_seed,
     shell:
-        "ctrace --threads {threads} dump-activations {params.model} {params.runtime} --tokenized {input.tokenized}"
+        "ctrace --threads {threads} dump-activations {params.model} {params.runtime} --batch-size {params.batch_size}"
+        " --tokenized {input.tokenized}"
         " --layer {wildcards.layer} --positions-per-cell {params.positions} --seed {params.seed}"
         " --out-stem results/activations/{wildcards.model}/{wildcards.condition}/layer{wildcards.layer}"
         " > {log} 2>&1"

@@ -28,6 +28,7 @@ wildcard_constraints:
     sae_set="|".join(SAE_SETS),
     layer=r"\d+",
     split="trace|sae",
+    shard=r"\d+",
 
 
 CHECKPOINT_FILES = {
@@ -142,9 +143,11 @@ def get_model_args(wildcards):
 
 def get_runtime_args(wildcards):
     block = model_block(wildcards.model)
-    return (
-        f"--device {DEVICE} --dtype {block['dtype']} --batch-size {block['batch_size']}"
-    )
+    return f"--device {DEVICE} --dtype {block['dtype']}"
+
+
+def get_batch_size(wildcards):
+    return model_block(wildcards.model)["batch_size"]
 
 
 def get_condition_seed(wildcards):
@@ -160,6 +163,7 @@ def get_final_outputs():
         for condition in CONDITIONS:
             outputs.append(f"results/tokenized/{model}/{condition}.report.json")
     outputs.append("results/sae/quality.tsv")
+    outputs.append("results/edges/summary.tsv")
     outputs += get_all_annotations()
     return outputs
 
@@ -266,4 +270,124 @@ def get_all_annotations():
         for sae_set in SAE_SETS
         for layer in model_layers(model)
         for table in ("features", "significant")
+    ]
+
+
+def model_d_model(model):
+    block = model_block(model)
+    if block["checkpoint"] == DEMO:
+        return config["demo"]["d_model"]
+    folder = Path(block["checkpoint"])
+    if block["kind"] == "geneformer":
+        return int(json.loads((folder / "config.json").read_text())["hidden_size"])
+    return int(json.loads((folder / "args.json").read_text())["embsize"])
+
+
+def sweep_source_layers(model):
+    """Source layers: every SAE layer that has a later SAE layer, unless the config lists them."""
+    layers = model_layers(model)
+    wanted = config["sweep"]["source_layers"]
+    if wanted == "all":
+        return layers[:-1]
+    bad = [layer for layer in wanted if layer not in layers[:-1]]
+    if bad:
+        raise WorkflowError(
+            f"sweep.source_layers: {bad} have no later SAE layer in {model} (layers {layers})"
+        )
+    return sorted(wanted)
+
+
+def n_selected_features(model):
+    sweep = config["sweep"]
+    n_features = config["sae"]["expansion"] * model_d_model(model)
+    if sweep["selection"] == "all":
+        return n_features
+    if sweep["selection"] == "explicit":
+        return len(sweep["features"])
+    return min(sweep["n_features"], n_features)
+
+
+def sweep_shards(model):
+    per_shard = config["sweep"]["features_per_shard"]
+    return list(range(-(-n_selected_features(model) // per_shard)))
+
+
+def get_selection_args(wildcards):
+    sweep = config["sweep"]
+    args = f"--strategy {sweep['selection']} --n {sweep['n_features']}"
+    if sweep["selection"] == "explicit":
+        args += " --features " + " ".join(str(f) for f in sweep["features"])
+    return args
+
+
+def condition_sae_set(condition):
+    return condition_block(condition)["sae_set"]
+
+
+def get_sweep_sources(wildcards):
+    sae_set = condition_sae_set(wildcards.condition)
+    return f"results/sources/{wildcards.model}/{sae_set}/layer{wildcards.layer}.tsv"
+
+
+def sweep_sae_stems(wildcards):
+    """The source layer's SAE and every later SAE layer (the targets)."""
+    sae_set = condition_sae_set(wildcards.condition)
+    return [
+        f"results/sae/{wildcards.model}/{sae_set}/layer{layer}"
+        for layer in model_layers(wildcards.model)
+        if layer >= int(wildcards.layer)
+    ]
+
+
+def get_sweep_sae_stems(wildcards):
+    return " ".join(sweep_sae_stems(wildcards))
+
+
+def get_sweep_sae_files(wildcards):
+    return [
+        f"{stem}.{ext}"
+        for stem in sweep_sae_stems(wildcards)
+        for ext in ("safetensors", "json")
+    ]
+
+
+def get_sweep_args(wildcards):
+    sweep = config["sweep"]
+    return (
+        f"--features-per-shard {sweep['features_per_shard']} --ablations-per-batch {sweep['ablations_per_batch']}"
+        f" --response {sweep['response']} --null-draws {sweep['null_draws']}"
+    )
+
+
+def get_sweep_runtime(wildcards, attempt):
+    return config["sweep"]["runtime_per_shard"] * attempt
+
+
+def get_sweep_shards(wildcards):
+    base = (
+        f"results/sweep/{wildcards.model}/{wildcards.condition}/layer{wildcards.layer}"
+    )
+    return [f"{base}.shard{shard}.npz" for shard in sweep_shards(wildcards.model)]
+
+
+def get_condition_sweep_stats(wildcards):
+    return [
+        f"results/sweep/{wildcards.model}/{wildcards.condition}/layer{layer}.stats.npz"
+        for layer in sweep_source_layers(wildcards.model)
+    ]
+
+
+def get_edge_args(wildcards):
+    edges = config["edges"]
+    return (
+        f"--min-n {edges['min_n']} --q {edges['q_threshold']} --min-abs-d {edges['min_abs_d']}"
+        f" --min-consistency {edges['min_consistency']} --reference-top-k {edges['reference_top_k']}"
+    )
+
+
+def get_all_edge_summaries(wildcards):
+    return [
+        f"results/edges/{model}/{condition}.summary.tsv"
+        for model in MODELS
+        for condition in CONDITIONS
     ]
