@@ -3,7 +3,10 @@
 #        snakemake --profile profiles/slurm   (a Slurm cluster)
 
 
-configfile: "config/config.yaml"
+# The demo config, unless --configfile names the user's own (which then replaces it, not merges).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
