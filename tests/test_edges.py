@@ -11,10 +11,10 @@ import torch
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
+from ctrace.enrichment import bh_fdr
 from ctrace.edges import (
     EDGE_COLUMNS,
     EdgeCriteria,
-    bh_qvalues,
     edge_statistics,
     edge_table,
     null_abs_d,
@@ -211,8 +211,8 @@ def test_bh_matches_statsmodels():
     rng = np.random.default_rng(1)
     p = np.concatenate([rng.uniform(size=200), rng.uniform(0, 1e-3, 20), [0.01] * 5, [1.0]])
     rng.shuffle(p)
-    np.testing.assert_allclose(bh_qvalues(p), multipletests(p, method="fdr_bh")[1], rtol=1e-12)
-    assert bh_qvalues(np.array([])).size == 0
+    np.testing.assert_allclose(bh_fdr(p), multipletests(p, method="fdr_bh")[1], rtol=1e-12)
+    assert bh_fdr(np.array([])).size == 0
 
 
 def test_no_edges_from_zero_effects():

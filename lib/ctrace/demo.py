@@ -11,7 +11,8 @@ that the demo models learned something.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,18 +94,14 @@ def _build_geneformer(data, out_dir: Path, cfg: DemoModelConfig) -> dict:
         ids, labels = _mlm_mask(batch.input_ids_BT, batch.gene_BT, rng, mask_id=1, n_vocab=n_vocab, first_gene=4)
         _set_lr(optimizer, cfg, step)
         out = model(input_ids=ids, attention_mask=batch.keep_BT.long(), labels=labels)
-        optimizer.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(float(out.loss.detach()))
+        losses.append(_optimizer_step(model, optimizer, out.loss))
     save_geneformer(model, out_dir / "checkpoint")
     trained = GeneformerBackend(out_dir / "checkpoint", dicts)
     metrics = {
         name: _mlm_eval(backend, cells, heldout, cfg.seed, n_vocab)
         for name, backend in (("trained", trained), ("untrained", backend_untrained))
     }
-    _remove_tree(untrained_dir)
+    shutil.rmtree(untrained_dir, ignore_errors=True)
     return _report("geneformer", cfg, token_report, train, heldout, losses, metrics,
                    task="masked gene prediction (15% of gene positions)")
 
@@ -130,7 +127,7 @@ def _mlm_eval(backend: Backend, cells: TokenizedCells, heldout: np.ndarray, seed
     for start in range(0, len(heldout), 16):
         batch = backend.collate([cells.cell(int(i)) for i in heldout[start : start + 16]])
         ids, labels = _mlm_mask(batch.input_ids_BT, batch.gene_BT, rng, mask_id=1, n_vocab=n_vocab, first_gene=4)
-        h_last = backend.hidden_states(_with_ids(batch, ids), [backend.n_layers - 1])[backend.n_layers - 1]
+        h_last = backend.hidden_states(replace(batch, input_ids_BT=ids), [backend.n_layers - 1])[backend.n_layers - 1]
         logits = backend.mlm_logits(h_last)
         at = labels != -100
         total_loss += float(torch.nn.functional.cross_entropy(logits[at], labels[at], reduction="sum"))
@@ -172,11 +169,7 @@ def _build_scgpt(data, out_dir: Path, cfg: DemoModelConfig) -> dict:
         prediction = model.decoder(h)
         at = ~torch.isnan(target)
         loss = torch.nn.functional.mse_loss(prediction[at], target[at])
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(_optimizer_step(model, optimizer, loss))
     save_scgpt(model, args, vocab, out_dir / "checkpoint")
     trained = ScGPTBackend(out_dir / "checkpoint")
     train_mean = float(np.mean(np.concatenate([cells.cell(int(i)).values[1:] for i in train])))
@@ -184,7 +177,7 @@ def _build_scgpt(data, out_dir: Path, cfg: DemoModelConfig) -> dict:
         name: _value_eval(backend, cells, heldout, cfg.seed, train_mean)
         for name, backend in (("trained", trained), ("untrained", backend_untrained))
     }
-    _remove_tree(untrained_dir)
+    shutil.rmtree(untrained_dir, ignore_errors=True)
     return _report("scgpt", cfg, token_report, train, heldout, losses, metrics,
                    task="masked value prediction (40% of gene values, MSE in bins)")
 
@@ -203,7 +196,7 @@ def _value_eval(backend, cells: TokenizedCells, heldout: np.ndarray, seed: int, 
     for start in range(0, len(heldout), 16):
         batch = backend.collate([cells.cell(int(i)) for i in heldout[start : start + 16]])
         values, target = _value_mask(batch.values_BT, batch.gene_BT, rng)
-        masked = _with_values(batch, values)
+        masked = replace(batch, values_BT=values)
         h_last = backend.hidden_states(masked, [backend.n_layers - 1])[backend.n_layers - 1]
         prediction = backend.expr_prediction(h_last)
         at = ~torch.isnan(target)
@@ -236,6 +229,15 @@ def _crop_random(cell: Cell, max_tokens: int, rng: np.random.Generator) -> Cell:
     return Cell(cell.input_ids[keep], cell.values[keep])
 
 
+def _optimizer_step(model, optimizer, loss) -> float:
+    """One Adam step with gradient-norm clipping at 1; returns the loss value."""
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return float(loss.detach())
+
+
 def _set_lr(optimizer, cfg: DemoModelConfig, step: int) -> None:
     """Linear warm-up over 10% of the steps, then cosine decay to 10%."""
     warm = max(1, cfg.pretrain_steps // 10)
@@ -246,24 +248,6 @@ def _set_lr(optimizer, cfg: DemoModelConfig, step: int) -> None:
         factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * factor
-
-
-def _with_ids(batch, ids_BT):
-    from ctrace.models.base import Batch
-
-    return Batch(ids_BT, batch.values_BT, batch.keep_BT, batch.gene_BT)
-
-
-def _with_values(batch, values_BT):
-    from ctrace.models.base import Batch
-
-    return Batch(batch.input_ids_BT, values_BT, batch.keep_BT, batch.gene_BT)
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _report(kind, cfg, token_report, train, heldout, losses, metrics, task) -> dict:

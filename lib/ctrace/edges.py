@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import stdtr
 
+from ctrace.enrichment import bh_fdr
 from ctrace.errors import CtraceInputError
 from ctrace.trace import SweepStats
 
@@ -103,26 +104,12 @@ def one_sample_tests(n, s1, s2, pos, neg, min_n: int = 3) -> Tests:
     )
 
 
-def bh_qvalues(p: np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg q-values of a 1-D array: q_(i) = min_{j ≥ i} p_(j)·m/j, capped at 1."""
-    p = np.asarray(p, dtype=np.float64)
-    m = p.size
-    if m == 0:
-        return p.copy()
-    order = np.argsort(p, kind="stable")
-    ranked = p[order] * m / np.arange(1, m + 1)
-    q_sorted = np.minimum.accumulate(ranked[::-1])[::-1]
-    q = np.empty(m)
-    q[order] = np.minimum(q_sorted, 1.0)
-    return q
-
-
 def _tests(stats: SweepStats, criteria: EdgeCriteria) -> tuple[Tests, np.ndarray]:
     tests = one_sample_tests(
         stats.n_S[:, None, None], stats.sum_SLG, stats.sumsq_SLG, stats.pos_SLG, stats.neg_SLG, criteria.min_n
     )
     q = np.full(tests.p.shape, np.nan)
-    q[tests.tested] = bh_qvalues(tests.p[tests.tested])
+    q[tests.tested] = bh_fdr(tests.p[tests.tested])
     return tests, q
 
 
