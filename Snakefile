@@ -16,6 +16,8 @@ include: "workflow/rules/activations.smk"
 include: "workflow/rules/sae.smk"
 include: "workflow/rules/sweep.smk"
 include: "workflow/rules/edges.smk"
+include: "workflow/rules/biology.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -205,6 +205,12 @@ def test_summary_and_null(raw):
     assert summary["null"]["abs_d_quantiles"]["q0.5"] == pytest.approx(np.quantile(null_d, 0.5))
     assert summary["null"]["abs_d_quantiles"]["q1"] == pytest.approx(null_d.max())
     assert summary["real"]["abs_d_quantiles"]["q0.9"] > summary["null"]["abs_d_quantiles"]["q0.9"]
+    # histograms for the report: numpy's on the same |d| (clipped into the outer bins), every test counted
+    bins = np.asarray(summary["abs_d_bin_edges"])
+    assert bins[0] == pytest.approx(1e-3) and bins[-1] == pytest.approx(1e3)
+    expected, _ = np.histogram(np.clip(null_d, bins[0], bins[-1]), bins=bins)
+    assert summary["null"]["abs_d_histogram"] == expected.tolist()
+    assert sum(summary["real"]["abs_d_histogram"]) == summary["real"]["tests"]
 
 
 def test_bh_matches_statsmodels():

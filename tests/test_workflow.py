@@ -50,6 +50,8 @@ def test_dry_run_covers_the_model_condition_layer_grid(tmp_path):
     assert counts["fit_sae"] == 8 and counts["annotate_features"] == 8
     assert counts["ablation_sweep"] == 2 * 4 * 3 * 2 and counts["merge_sweep"] == 2 * 4 * 3
     assert counts["edges"] == 8
+    assert counts["coherence"] == 8 and counts["validate_edges"] == 8 and counts["consensus"] == 1
+    assert counts["report"] == 1
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +91,22 @@ def test_demo_run_end_to_end(demo_run):
     assert set(edges["ablation_effect_sign"]) <= {"negative", "positive"}
     # shard files are temporary: only the merged statistics are kept
     assert not list((results / "sweep").rglob("*.shard*.npz"))
+    assert list(edges.columns[:3]) == ["model", "mode", "condition"] and set(edges["mode"]) == {"corrected"}
+
+
+def test_demo_run_biology_and_report(demo_run):
+    results = demo_run / "results"
+    for model in ("geneformer", "scgpt"):
+        for condition in ("cd14_monocyte", "b_cell", "t_reg", "nk_cell"):
+            coherence = json.loads((results / f"biology/{model}/{condition}.coherence.json").read_text())
+            for mode in ("corrected", "reference"):
+                assert len(coherence[mode]["null_values"]) == 200  # demo: biology.n_permutations
+            validation = json.loads((results / f"biology/{model}/{condition}.validation.json").read_text())
+            assert validation["result"]["perturbation"] is None and len(validation["result"]["skipped"]) == 2
+    consensus = json.loads((results / "biology/consensus/pbmc/geneformer.scgpt.json").read_text())
+    assert set(consensus["corrected"]) == {"cd14_monocyte", "b_cell", "t_reg", "nk_cell", "all"}
+    html = (results / "report/index.html").read_text()
+    images = re.findall(r"<img src='([^']+)'", html)
+    assert len(images) == 6  # every figure but validation (no validation input in the demo)
+    for src in images:
+        assert (results / "report" / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -204,8 +204,7 @@ def cmd_annotate(args) -> None:
 
     from ctrace.annotate import annotate_layer
     from ctrace.device import resolve_device
-    from ctrace.enrichment import read_gmt
-    from ctrace.genesets import bundled_gmt_paths
+    from ctrace.genesets import load_libraries
     from ctrace.io import write_parquet
     from ctrace.sae import load_sae
     from ctrace.tokenize import TokenizedCells
@@ -217,12 +216,7 @@ def cmd_annotate(args) -> None:
         symbols = geneformer_token_symbols(load_geneformer_dictionaries(args.dictionaries, args.version))
     else:
         symbols = scgpt_token_symbols(load_scgpt_vocab(args.checkpoint))
-    bundled = bundled_gmt_paths()
-    libraries = {}
-    for entry in args.gene_sets:
-        path = bundled.get(entry, Path(entry))
-        name = entry if entry in bundled else path.stem
-        libraries[name] = read_gmt(path)
+    libraries = load_libraries(args.gene_sets)
     tokens = np.unique(np.concatenate([TokenizedCells.load(p).ids for p in args.tokenized]))
     background = {symbols[int(t)] for t in tokens if int(t) in symbols}
     device = resolve_device(args.device)
@@ -303,6 +297,8 @@ def cmd_edges(args) -> None:
     summaries = {}
     for mode, out in (("corrected", args.out_corrected), ("reference", args.out_reference)):
         edges = pd.concat([edge_table(s, args.condition, mode, criteria) for s in stats], ignore_index=True)
+        edges.insert(0, "model", args.model)
+        edges.insert(1, "mode", mode)
         write_parquet(out, edges)
         summaries[mode] = summarize_edges(edges, stats, criteria)
     summary = {"model": args.model, "condition": args.condition, **summaries}
@@ -319,6 +315,91 @@ def cmd_concat_tables(args) -> None:
     from ctrace.io import write_tsv
 
     write_tsv(args.out, pd.concat([pd.read_csv(p, sep="\t") for p in args.tables], ignore_index=True))
+
+
+def _read_tables(paths: list[str]):
+    import pandas as pd
+
+    return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+
+
+def _by_mode(edges) -> dict:
+    return {mode: edges[edges["mode"] == mode] for mode in ("corrected", "reference")}
+
+
+def cmd_coherence(args) -> None:
+    from ctrace.biology import annotated_top_edges, coherence_by_mode
+    from ctrace.io import write_json, write_tsv
+
+    edges = _by_mode(_read_tables(args.edges))
+    significant = _read_tables(args.significant)
+    result = coherence_by_mode(edges, significant, args.n_permutations, args.seed, args.swaps_per_edge)
+    write_json(args.out_json, {"model": args.model, "condition": args.condition, **result})
+    top = annotated_top_edges(edges["corrected"], _read_tables(args.features), significant, n_edges=args.n_top_edges)
+    top.insert(0, "model", args.model)
+    write_tsv(args.out_top_edges, top)
+    for mode, r in result.items():
+        log.info("%s/%s %s: coherence %.3f over %d testable edges, null %.3f, fold %.2f, p %.3g", args.model,
+                 args.condition, mode, r["observed"], r["n_edges_tested"], r["null_mean"], r["fold"], r["p_value"])
+
+
+def cmd_consensus(args) -> None:
+    from ctrace.biology import consensus_by_mode
+    from ctrace.genesets import load_libraries
+    from ctrace.io import write_json
+
+    edges_a, edges_b = _read_tables(args.edges_a), _read_tables(args.edges_b)
+    domain_genes = None
+    if args.disease_gmt:
+        domain_genes = {term: genes for lib in load_libraries(args.gene_sets).values() for term, genes in lib.items()}
+    result = consensus_by_mode(
+        _by_mode(edges_a), _read_tables(args.significant_a), _by_mode(edges_b), _read_tables(args.significant_b),
+        args.n_permutations, args.seed, args.swaps_per_edge, domain_genes=domain_genes, disease_gmt=args.disease_gmt,
+    )
+    if not args.disease_gmt:
+        log.info("disease enrichment skipped: biology.disease_gene_sets is not set")
+    write_json(args.out, {"model_a": args.model_a, "model_b": args.model_b, **result})
+    for mode in ("corrected", "reference"):
+        r = result[mode]["all"]
+        log.info("%s ∩ %s %s: %d shared domain pairs, rewiring null %.2f (fold %.2f, p %.3g), relabelling null "
+                 "%.2f (fold %.2f)", args.model_a, args.model_b, mode, r["observed"], r["expected"], r["fold"],
+                 r["p_value"], r["relabel"]["expected"], r["relabel"]["fold"])
+
+
+def cmd_validate(args) -> None:
+    from ctrace.biology import validation_records
+    from ctrace.io import write_json
+
+    edges = _read_tables(args.edges)
+    result = validation_records(
+        edges[edges["mode"] == "corrected"], _read_tables(args.features), perturbation_files=args.perturbation or (),
+        perturbation_values=args.perturbation_values, tf_targets=args.tf_targets, n_top_genes=args.n_top_genes,
+        pair_weight=args.pair_weight, n_shuffles=args.n_permutations, seed=args.seed,
+    )
+    for reason in result["skipped"]:
+        log.info("%s/%s: skipped %s", args.model, args.condition, reason)
+    write_json(args.out, {"model": args.model, "condition": args.condition, "result": result})
+
+
+def cmd_report(args) -> None:
+    import pandas as pd
+
+    from ctrace.report import ReportInputs, write_report
+
+    def jsons(paths):
+        return [json.loads(Path(p).read_text()) for p in paths or []]
+
+    inputs = ReportInputs(
+        summaries=jsons(args.summaries),
+        sae_quality=pd.read_csv(args.sae_quality, sep="\t"),
+        edges=_read_tables(args.edges),
+        coherence=jsons(args.coherence),
+        consensus=jsons(args.consensus),
+        validation=jsons(args.validation),
+        top_edges=pd.concat([pd.read_csv(p, sep="\t") for p in args.top_edges], ignore_index=True),
+    )
+    figures = write_report(inputs, args.out_html, args.out_figures)
+    log.info("report %s with %d figures: %s", args.out_html, len(figures), ", ".join(f.name for f in figures))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,6 +547,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-json", required=True)
     p.add_argument("--summary-tsv", required=True)
     p.set_defaults(func=cmd_edges)
+
+    def add_null_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--n-permutations", type=int, default=1000)
+        p.add_argument("--swaps-per-edge", type=float, default=10)
+        p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("coherence", help="coherence of edges vs degree-preserving rewiring; annotated top edges")
+    p.add_argument("--model", required=True)
+    p.add_argument("--condition", required=True)
+    p.add_argument("--edges", nargs="+", required=True, help="edge tables (both modes)")
+    p.add_argument("--significant", nargs="+", required=True, help="significant-term tables, every layer")
+    p.add_argument("--features", nargs="+", required=True, help="feature tables (top genes), every layer")
+    p.add_argument("--n-top-edges", type=int, default=20)
+    add_null_args(p)
+    p.add_argument("--out-json", required=True)
+    p.add_argument("--out-top-edges", required=True)
+    p.set_defaults(func=cmd_coherence)
+
+    p = sub.add_parser("consensus", help="domain pairs shared by two models vs rewiring and relabelling nulls")
+    p.add_argument("--model-a", required=True)
+    p.add_argument("--model-b", required=True)
+    for side in ("a", "b"):
+        p.add_argument(f"--edges-{side}", nargs="+", required=True, help="edge tables, all conditions, both modes")
+        p.add_argument(f"--significant-{side}", nargs="+", required=True)
+    p.add_argument("--disease-gmt", help="disease gene sets (GMT); omitted: no disease enrichment")
+    p.add_argument("--gene-sets", nargs="*", default=[], help="annotation libraries (domain gene sets)")
+    add_null_args(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_consensus)
+
+    p = sub.add_parser("validate", help="gene-pair predictions vs knock-down and TF→target tables")
+    p.add_argument("--model", required=True)
+    p.add_argument("--condition", required=True)
+    p.add_argument("--edges", nargs="+", required=True)
+    p.add_argument("--features", nargs="+", required=True)
+    p.add_argument("--perturbation", nargs="*", help="Replogle-layout pseudobulk .h5ad file(s)")
+    p.add_argument("--perturbation-values", default="auto", choices=["auto", "lfc", "raw"])
+    p.add_argument("--tf-targets", help="TRRUST-layout TF→target table")
+    p.add_argument("--n-top-genes", type=int, default=10)
+    p.add_argument("--pair-weight", default="abs_d", choices=["abs_d", "uniform", "abs_d_rank"])
+    add_null_args(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("report", help="HTML report with PNG figures")
+    p.add_argument("--summaries", nargs="+", required=True, help="edge summary JSON files")
+    p.add_argument("--sae-quality", required=True)
+    p.add_argument("--edges", nargs="+", required=True)
+    p.add_argument("--coherence", nargs="+", required=True)
+    p.add_argument("--consensus", nargs="*")
+    p.add_argument("--validation", nargs="*")
+    p.add_argument("--top-edges", nargs="+", required=True)
+    p.add_argument("--out-html", required=True)
+    p.add_argument("--out-figures", required=True)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("concat-tables", help="stack TSV tables with the same columns")
     p.add_argument("--tables", nargs="+", required=True)

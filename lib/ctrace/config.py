@@ -124,5 +124,11 @@ def _check_files(config: dict) -> None:
     for name, block in config["conditions"].items():
         if block["h5ad"] != DEMO and not Path(block["h5ad"]).is_file():
             problems.append(f"  conditions.{name}.h5ad: file {block['h5ad']!r} not found")
+    biology = config["biology"]
+    optional_files = [("disease_gene_sets", biology["disease_gene_sets"]), ("tf_targets", biology["tf_targets"])]
+    optional_files += [(f"perturbation[{i}]", path) for i, path in enumerate(biology["perturbation"])]
+    for key, value in optional_files:
+        if value is not None and not Path(value).is_file():
+            problems.append(f"  biology.{key}: file {value!r} not found (remove the entry to skip this test)")
     if problems:
         raise CtraceInputError("invalid config:\n" + "\n".join(problems))

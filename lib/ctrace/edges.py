@@ -207,13 +207,22 @@ def _quantiles(x: np.ndarray, probs: Sequence[float]) -> dict[str, float | None]
     return {f"q{p:g}": float(v) for p, v in zip(probs, np.quantile(x, probs))}
 
 
+# |d| histogram bins of the summaries: log-spaced 1e-3 … 1e3 (values outside are clipped into the end bins)
+ABS_D_BIN_EDGES = np.logspace(-3, 3, 61)
+
+
+def _histogram(x: np.ndarray) -> list[int]:
+    clipped = np.clip(x, ABS_D_BIN_EDGES[0], ABS_D_BIN_EDGES[-1])
+    return np.histogram(clipped, bins=ABS_D_BIN_EDGES)[0].astype(int).tolist()
+
+
 def summarize_edges(
     edges: pd.DataFrame, stats: SweepStats | Sequence[SweepStats], criteria: EdgeCriteria = EdgeCriteria()
 ) -> dict:
     """Per-condition summary (JSON-ready): edge counts and |d|, per layer pair, cost, and the null |d|.
 
-    `real`/`null`: quantiles of |d| over all tests (not only edges) of the real and random-direction
-    ablations, and the fraction of tests passing the effect filters |d| ≥ d_min and sign-consistency ≥
+    `real`/`null`: quantiles and a histogram (bins `abs_d_bin_edges`) of |d| over all tests (not only
+    edges) of the real and random-direction ablations, and the fraction of tests passing the effect filters |d| ≥ d_min and sign-consistency ≥
     consistency_min — the null fraction estimates how often a direction with no special role passes them.
     """
     parts = [stats] if isinstance(stats, SweepStats) else list(stats)
@@ -256,13 +265,16 @@ def summarize_edges(
             "tests": int(real_d.size),
             "abs_d_quantiles": _quantiles(real_d, probs),
             "frac_pass_effect_filters": real_pass / n_real_candidates if n_real_candidates else None,
+            "abs_d_histogram": _histogram(real_d),
         },
         "null": {
             "draws": int(parts[0].null_draws),
             "tests": int(null_d.size),
             "abs_d_quantiles": _quantiles(null_d, probs),
             "frac_pass_effect_filters": null_pass / n_null_candidates if n_null_candidates else None,
+            "abs_d_histogram": _histogram(null_d),
         },
+        "abs_d_bin_edges": ABS_D_BIN_EDGES.tolist(),
     }
 
 

@@ -27,3 +27,15 @@ def bundled_gmt_paths() -> dict[str, Path]:
             raise FileNotFoundError(f"bundled gene-set file missing from the installation: {path}")
         paths[name] = path
     return paths
+
+
+def load_libraries(entries) -> dict[str, dict[str, frozenset[str]]]:
+    """Library name → {term → genes} for config entries: bundled names, or GMT paths (named by file stem)."""
+    from ctrace.enrichment import read_gmt
+
+    bundled = bundled_gmt_paths()
+    libraries = {}
+    for entry in entries:
+        path = bundled.get(entry, Path(entry))
+        libraries[entry if entry in bundled else path.stem] = read_gmt(path)
+    return libraries

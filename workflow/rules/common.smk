@@ -1,3 +1,4 @@
+import itertools
 import json
 import shlex
 import zlib
@@ -29,6 +30,8 @@ wildcard_constraints:
     layer=r"\d+",
     split="trace|sae",
     shard=r"\d+",
+    model_a="|".join(MODELS),
+    model_b="|".join(MODELS),
 
 
 CHECKPOINT_FILES = {
@@ -164,6 +167,7 @@ def get_final_outputs():
             outputs.append(f"results/tokenized/{model}/{condition}.report.json")
     outputs.append("results/sae/quality.tsv")
     outputs.append("results/edges/summary.tsv")
+    outputs.append("results/report/index.html")
     outputs += get_all_annotations()
     return outputs
 
@@ -391,3 +395,121 @@ def get_all_edge_summaries(wildcards):
         for model in MODELS
         for condition in CONDITIONS
     ]
+
+
+def get_condition_edge_tables(wildcards):
+    return [
+        f"results/edges/{wildcards.model}/{wildcards.condition}.{mode}.parquet"
+        for mode in ("corrected", "reference")
+    ]
+
+
+def annotation_tables(model, sae_set, table):
+    return [
+        f"results/annotation/{model}/{sae_set}/layer{layer}.{table}.parquet"
+        for layer in model_layers(model)
+    ]
+
+
+def get_condition_annotation(wildcards):
+    sae_set = condition_sae_set(wildcards.condition)
+    return {
+        "significant": annotation_tables(wildcards.model, sae_set, "significant"),
+        "features": annotation_tables(wildcards.model, sae_set, "features"),
+    }
+
+
+def get_null_args(wildcards):
+    biology = config["biology"]
+    return f"--n-permutations {biology['n_permutations']} --swaps-per-edge {biology['swaps_per_edge']}"
+
+
+def sae_set_conditions(sae_set):
+    return [c for c in CONDITIONS if condition_sae_set(c) == sae_set]
+
+
+def model_pairs():
+    return list(itertools.combinations(MODELS, 2))
+
+
+def get_consensus_inputs(wildcards):
+    """Both models' edge tables (conditions of the SAE set) and annotations, plus the disease GMT if set."""
+    inputs = {}
+    for side, model in (("a", wildcards.model_a), ("b", wildcards.model_b)):
+        inputs[f"edges_{side}"] = [
+            f"results/edges/{model}/{condition}.{mode}.parquet"
+            for condition in sae_set_conditions(wildcards.sae_set)
+            for mode in ("corrected", "reference")
+        ]
+        inputs[f"significant_{side}"] = annotation_tables(
+            model, wildcards.sae_set, "significant"
+        )
+    if config["biology"]["disease_gene_sets"]:
+        inputs["disease"] = config["biology"]["disease_gene_sets"]
+    return inputs
+
+
+def get_disease_args(wildcards, input):
+    if "disease" not in input.keys():
+        return ""
+    gene_sets = " ".join(shlex.quote(g) for g in config["annotation"]["gene_sets"])
+    return f"--disease-gmt {shlex.quote(input.disease)} --gene-sets {gene_sets}"
+
+
+def get_validation_files(wildcards):
+    biology = config["biology"]
+    files = {"perturbation": biology["perturbation"]}
+    if biology["tf_targets"]:
+        files["tf_targets"] = biology["tf_targets"]
+    return files
+
+
+def get_validation_args(wildcards, input):
+    biology = config["biology"]
+    args = (
+        f"--perturbation-values {biology['perturbation_values']} --n-top-genes {biology['validation_top_genes']}"
+        f" --pair-weight {biology['pair_weight']}"
+    )
+    if biology["perturbation"]:
+        args += " --perturbation " + " ".join(
+            shlex.quote(p) for p in input.perturbation
+        )
+    if "tf_targets" in input.keys():
+        args += f" --tf-targets {shlex.quote(input.tf_targets)}"
+    return args
+
+
+def get_consensus_outputs():
+    return [
+        f"results/biology/consensus/{sae_set}/{a}.{b}.json"
+        for sae_set in SAE_SETS
+        if sae_set_conditions(sae_set)
+        for a, b in model_pairs()
+    ]
+
+
+def get_report_inputs(wildcards):
+    per_condition = [(m, c) for m in MODELS for c in CONDITIONS]
+    return {
+        "summaries": [f"results/edges/{m}/{c}.summary.json" for m, c in per_condition],
+        "sae_quality": "results/sae/quality.tsv",
+        "edges": [
+            f"results/edges/{m}/{c}.{mode}.parquet"
+            for m, c in per_condition
+            for mode in ("corrected", "reference")
+        ],
+        "coherence": [
+            f"results/biology/{m}/{c}.coherence.json" for m, c in per_condition
+        ],
+        "top_edges": [
+            f"results/biology/{m}/{c}.top_edges.tsv" for m, c in per_condition
+        ],
+        "validation": [
+            f"results/biology/{m}/{c}.validation.json" for m, c in per_condition
+        ],
+        "consensus": get_consensus_outputs(),
+    }
+
+
+def get_condition_features(wildcards):
+    return get_condition_annotation(wildcards)["features"]
