@@ -66,6 +66,15 @@ def test_missing_files_are_reported(raw_config, tmp_path):
     assert "models.geneformer.checkpoint: folder" in text
 
 
+def test_missing_biology_inputs_are_reported(raw_config, tmp_path):
+    raw_config["biology"] = {"tf_targets": str(tmp_path / "trrust.tsv"), "perturbation": [str(tmp_path / "k.h5ad")]}
+    with pytest.raises(CtraceInputError) as err:
+        validate_config(raw_config)
+    text = str(err.value)
+    assert "biology.tf_targets: file" in text and "biology.perturbation[0]: file" in text
+    assert "remove the entry to skip this test" in text
+
+
 def test_load_config_reports_bad_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("models: [unclosed\n")
