@@ -295,7 +295,8 @@ def summary_table(inputs: ReportInputs) -> pd.DataFrame:
                 "null": _fmt(c.get("null_mean") if c.get("n_edges_tested") else None),
                 "fold": _fmt(c.get("fold")), "p": _fmt(c.get("p_value")),
                 "testable edges": c.get("n_edges_tested", "n/a"),
-                "ablation passes": m["forward_passes"], "sweep s": _fmt(m["wall_time_s"]),
+                # no wall times: the page is a pure function of the results (byte-identical on re-runs)
+                "ablation passes": m["forward_passes"],
             })
     return pd.DataFrame(rows)
 
