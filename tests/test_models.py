@@ -165,6 +165,66 @@ def test_geneformer_padded_batch_equals_cells_one_by_one(gf):
             assert_close_at(batched[layer][row : row + 1, :t], alone[layer], single.keep_BT)
 
 
+def _read_pairs(batch, n_per_row: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (row, position) pairs at real tokens: row 0 gets many, the others a few (as in a sweep)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, pos = [], []
+    for row in range(batch.keep_BT.shape[0]):
+        real = torch.nonzero(batch.keep_BT[row].cpu()).flatten()
+        n = len(real) if row == 0 else min(n_per_row, len(real))
+        pick = real[torch.randperm(len(real), generator=g)[:n]]
+        rows.append(torch.full((n,), row, dtype=torch.long))
+        pos.append(pick)
+    return torch.cat(rows), torch.cat(pos)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_geneformer_block_at_matches_hf_forward(gf, padded):
+    """block_at (keys/values everywhere, the rest at the queries only) = the HF layer's output there."""
+    if padded:
+        _, batch = _padded_batch(gf, seed=5)
+    else:
+        batch = gf.collate(random_cells(gf, 4, 20, 20, seed=5))
+        assert bool(batch.keep_BT.all())
+    hf = _hf_hidden_states(gf, batch)
+    rows_N, pos_N = _read_pairs(batch, 3, seed=6)
+    for layer in range(gf.n_layers):
+        with torch.no_grad():
+            at_ND = gf.block_at(hf.hidden_states[layer], batch, layer, rows_N, pos_N)
+        want_ND = hf.hidden_states[layer + 1][rows_N, pos_N]
+        assert at_ND.shape == want_ND.shape
+        assert (at_ND - want_ND).abs().max().item() <= ATOL
+        # and the same numbers as the whole block run by run_blocks
+        ((_, full_BTD),) = list(gf.run_blocks(hf.hidden_states[layer], batch, layer, layer))
+        assert (at_ND - full_BTD[rows_N, pos_N]).abs().max().item() <= ATOL
+
+
+def test_geneformer_block_at_identical_rows_give_identical_outputs(gf):
+    """Two equal rows read at the same positions give bit-identical outputs (what δ = 0 relies on)."""
+    cell = random_cells(gf, 1, 30, 30, seed=7)[0]
+    batch = gf.collate([cell, cell, cell])
+    with torch.no_grad():
+        h = gf.embed(batch)
+        rows_N = torch.tensor([0] * 20 + [1, 1, 2])
+        pos_N = torch.cat([torch.arange(5, 25), torch.tensor([7, 11, 11])])
+        out = gf.block_at(h, batch, 0, rows_N, pos_N)
+    assert torch.equal(out[20], out[2]) and torch.equal(out[21], out[6]) and torch.equal(out[22], out[6])
+
+
+def test_geneformer_block_cache_follows_weight_changes(gf_files):
+    backend = load_backend("geneformer", *gf_files)
+    _, batch = _padded_batch(backend, seed=8)
+    with torch.no_grad():
+        h = backend.embed(batch)
+        before = next(backend.run_blocks(h, batch, 0, 0))[1]
+        backend.module.bert.encoder.layer[0].attention.self.key.weight.mul_(0.5)  # in place: version bump
+        after = next(backend.run_blocks(h, batch, 0, 0))[1]
+        hf = backend.module(input_ids=batch.input_ids_BT, attention_mask=batch.keep_BT.long(),
+                            output_hidden_states=True).hidden_states[1]
+    assert not torch.allclose(before, after)
+    assert_close_at(after, hf, batch.keep_BT)
+
+
 def test_geneformer_gene_mask_and_mlm_logits(gf):
     cells, batch = _padded_batch(gf, seed=3)
     for row, cell in enumerate(cells):
@@ -393,6 +453,25 @@ def test_scgpt_padded_batch_equals_cells_one_by_one(sc):
         t = len(cell.input_ids)
         for layer in range(sc.n_layers):
             assert_close_at(batched[layer][row : row + 1, :t], alone[layer], single.keep_BT)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_scgpt_block_at_matches_official_layers(sc, padded):
+    """The default block_at (whole block, then read) = the official layer's output at the pairs."""
+    if padded:
+        _, batch = _padded_batch(sc, seed=5)
+    else:
+        batch = sc.collate(random_cells(sc, 3, 20, 20, seed=5))
+        assert bool(batch.keep_BT.all())
+    rows_N, pos_N = _read_pairs(batch, 3, seed=6)
+    with torch.no_grad():
+        h0 = sc.embed(batch)
+        official = _official_layerwise(sc, h0, ~batch.keep_BT)
+    inputs = [h0, *official[:-1]]
+    for layer in range(sc.n_layers):
+        with torch.no_grad():
+            at_ND = sc.block_at(inputs[layer], batch, layer, rows_N, pos_N)
+        assert (at_ND - official[layer][rows_N, pos_N]).abs().max().item() <= ATOL
 
 
 @pytest.mark.parametrize("previous", [True, False])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -204,7 +205,8 @@ def toy(request):
 def test_batched_sweep_equals_one_at_a_time(toy, response):
     backend, cells, saes = toy
     feats = [0, 3, 5, 7, 11, 19]
-    cfg = SweepConfig(ablations_per_batch=4, response=response, null_draws=2, seed=9)
+    # groups of 4 features ([0, 3, 5, 7], [11, 19]); a cell's ≤ 12 items of a group split into passes of ≤ 5
+    cfg = SweepConfig(features_per_batch=4, ablations_per_batch=5, response=response, null_draws=2, seed=9)
     stats = run_sweep(backend, saes, cells, 0, feats, [1, 2], cfg)
     ref = sweep_one_at_a_time(backend, saes, cells, 0, feats, [1, 2], response, null_draws=2, seed=9)
     assert stats.n_S.sum() > 20 and (stats.n_S[[0, 1, 2, 4, 5]] > 0).all()
@@ -279,38 +281,50 @@ def test_zero_norm_ablation_gives_exactly_zero(toy):
         assert not getattr(stats, name).any(), name  # exactly zero, not merely small
 
 
-def test_shards_merge_to_the_single_run(toy, tmp_path):
+@pytest.mark.parametrize("features_per_batch", [4, 8])
+def test_shards_merge_to_the_single_run(toy, tmp_path, features_per_batch):
+    """Acceptance: 1 shard vs 3 shards (consecutive slices, multiples of features_per_batch) give
+    bit-identical statistics and identical edge tables, because a forward pass never mixes groups."""
     backend, cells, saes = toy
-    feats = [0, 1, 3, 5, 11, 13, 19, 23]
-    cfg = SweepConfig(ablations_per_batch=5, null_draws=2, seed=2)
+    feats = [int(f) for f in np.random.default_rng(0).permutation(24)]  # all 24 features, shuffled order
+    cfg = SweepConfig(features_per_batch=features_per_batch, ablations_per_batch=32, null_draws=2, seed=2)
     whole = run_sweep(backend, saes, cells, 0, feats, [1, 2], cfg)
-    shards = [run_sweep(backend, saes, cells, 0, part, [1, 2], cfg) for part in ([19, 0, 23], [5], [1, 13, 3, 11])]
+    shards = [run_sweep(backend, saes, cells, 0, feats[i : i + 8], [1, 2], cfg) for i in (0, 8, 16)]
     paths = []
     for i, shard in enumerate(shards):
         paths.append(tmp_path / f"shard{i}.npz")
         shard.save(paths[i])
     merged = merge_stats([SweepStats.load(p) for p in reversed(paths)])
-    assert merged.source_features_S.tolist() == sorted(feats)
+    assert merged.source_features_S.tolist() == list(range(24))
     order = np.argsort(whole.source_features_S)
-    # Sums merge exactly; a feature's δ may differ in the last float32 bits with the batch it ran in.
+    single = merge_stats([whole])  # the single run in the merged (sorted) layout
+    assert single.source_features_S.tolist() == list(range(24))
+    assert whole.n_S.sum() > 100 and whole.n_S[feats.index(7)] == 0  # feature 7 never fires
     for name in STAT_NAMES:
-        assert np.abs(getattr(merged, name) - getattr(whole, name)[order]).max() <= 1e-5, name
-    assert merged.forward_passes == whole.forward_passes
-    assert merged.null_forward_passes == whole.null_forward_passes
+        assert np.array_equal(getattr(merged, name), getattr(whole, name)[order]), name
+        assert np.array_equal(getattr(merged, name), getattr(single, name)), name
+    for name in ("forward_passes", "null_forward_passes", "downstream_block_tokens"):
+        assert getattr(merged, name) == getattr(whole, name), name
     for mode in ("corrected", "reference"):
-        a = edge_table(whole, "toy", mode)
-        b = edge_table(merged, "toy", mode)
-        key = ["source_feature", "target_layer", "target_feature"]
-        assert a[key].values.tolist() == b[key].values.tolist()
-        assert len(a) > 0 and (a["condition"] == b["condition"]).all()
-        assert (a["ablation_effect_sign"] == b["ablation_effect_sign"]).all()
-        np.testing.assert_allclose(
-            a.select_dtypes("number").values, b.select_dtypes("number").values, rtol=1e-5, atol=1e-9
-        )
-    full_a, full_b = edge_statistics(whole, "toy"), edge_statistics(merged, "toy")
-    assert full_a[["source_feature", "target_layer", "target_feature"]].equals(
-        full_b[["source_feature", "target_layer", "target_feature"]]
-    )
+        a, b = edge_table(single, "toy", mode), edge_table(merged, "toy", mode)
+        assert len(a) > 0
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    pd.testing.assert_frame_equal(edge_statistics(single, "toy"), edge_statistics(merged, "toy"), check_exact=True)
+    # a split that cuts a group changes batch composition: still equal to float tolerance
+    cut = [run_sweep(backend, saes, cells, 0, part, [1, 2], cfg) for part in (feats[:5], feats[5:])]
+    recut = merge_stats(cut)
+    for name in STAT_NAMES:
+        assert np.abs(getattr(recut, name) - getattr(single, name)).max() <= 1e-5, name
+
+
+def test_sweep_config_batch_fields_are_checked():
+    assert SweepConfig().features_per_batch >= 1 and SweepConfig().ablations_per_batch >= 1
+    for bad in (0, -3, 2.5, True, None):
+        with pytest.raises(CtraceInputError, match="features_per_batch must be an integer ≥ 1"):
+            SweepConfig(features_per_batch=bad)
+        with pytest.raises(CtraceInputError, match="ablations_per_batch must be an integer ≥ 1"):
+            SweepConfig(ablations_per_batch=bad)
+    assert SweepConfig(features_per_batch=np.int64(3)).features_per_batch == 3
 
 
 def test_merge_rejects_overlap_and_mismatch(toy):
@@ -405,3 +419,8 @@ def test_tiny_real_geneformer_batched_equals_one_at_a_time(tmp_path):
         diff = np.abs(getattr(stats, name) - ref[name]).max()
         assert diff <= 1e-5, (name, diff)
     assert np.abs(stats.sum_SLG).max() > 1e-3
+    # the no-op control through the Geneformer fast path (block_at at the last block): exactly 0
+    zero = run_sweep(backend, saes, cells, 0, feats, [1, 2], SweepConfig(null_draws=1, ablation_scale=0.0))
+    assert zero.n_S.sum() == stats.n_S.sum()
+    for name in STAT_NAMES[1:]:
+        assert not getattr(zero, name).any(), name

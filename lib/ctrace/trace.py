@@ -6,11 +6,17 @@ h'_L = h_L − z_f · W_dec[:, f] at f's firing positions; blocks L+1..max(targe
 
 How the work is laid out (the levers of §10):
 - one clean pass per cell, blocks 0..L only (h_L and the source codes);
-- all ablations of one cell go into batches of identical rows (no padding), each batch carrying one
-  unablated copy of the cell; δ is taken against that in-batch copy, so batch-size-dependent numerics
-  cancel; blocks 0..L are never re-run and nothing after the last target layer is run;
+- the source-feature list is cut into groups of `features_per_batch` consecutive features; the ablations
+  (real and null) of one cell and one group go into passes of identical rows (no padding) of at most
+  `ablations_per_batch` ablated rows, each pass carrying one unablated copy of the cell; δ is taken
+  against that in-batch copy, so batch-size-dependent numerics cancel. A pass never mixes groups, so a
+  feature's statistics are bit-identical in every run whose group holds the same features (shards cut at
+  multiples of features_per_batch merge to exactly the single run);
+- blocks 0..L are never re-run; blocks L+1..stop−1 run in full and the last target block only at the
+  positions that are read (`Backend.block_at`: keys/values everywhere, the rest at those queries);
+  nothing after the last target layer is run;
 - ablated states are SAE-encoded only at the positions where the response is read; the in-batch clean
-  copy only at the union of those positions;
+  copy only at the union of those positions (one encode for both, so identical states give identical codes);
 - (cell, feature) pairs where the feature never fires are skipped (they contribute n = 0).
 Statistics are float64 sums (int64 counts) so shards over source features merge exactly (`merge_stats`).
 
@@ -48,11 +54,19 @@ STATS_FORMAT = "ctrace.sweep_stats/1"
 class SweepConfig:
     """How a sweep is run. `device` None = the backend's device.
 
+    features_per_batch: the source-feature list handed to `run_sweep` is cut into groups of this many
+    consecutive features, starting at its first entry. A forward pass only ever holds ablations (real and
+    null) of ONE cell and ONE group, so what a pass contains — and hence every float bit of a feature's
+    statistics — depends only on the cells, the group's features and this config, never on the other
+    features of the run: sharding the list at multiples of features_per_batch reproduces the single run
+    exactly. ablations_per_batch: at most this many ablated sequences per forward pass (plus the cell's one
+    clean copy); a cell's ablations of one group are split into passes of that size (a memory cap).
     ablation_scale: multiplies the removed contribution (1 = zero-ablation; 0 = a no-op control whose
     δ must be exactly 0). autocast_bf16: run the transformer blocks under bf16 autocast (GPU only; the
     SAE encodes and δ stay fp32); check edge agreement with fp32 before relying on it.
     """
 
+    features_per_batch: int = 8
     ablations_per_batch: int = 32
     response: str = "firing"
     null_draws: int = 0
@@ -62,8 +76,10 @@ class SweepConfig:
     autocast_bf16: bool = False
 
     def __post_init__(self) -> None:
-        if self.ablations_per_batch < 1:
-            raise CtraceInputError(f"sweep: ablations_per_batch must be ≥ 1, got {self.ablations_per_batch}")
+        for name in ("features_per_batch", "ablations_per_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise CtraceInputError(f"sweep: {name} must be an integer ≥ 1, got {value!r}")
         if self.response not in RESPONSES:
             raise CtraceInputError(f"sweep: response {self.response!r} is not one of {RESPONSES}")
         if self.null_draws < 0:
@@ -386,6 +402,27 @@ def _check_inputs(
     return widths.pop()
 
 
+def _passes_of_cell(fired_S: np.ndarray, n_sources: int, cfg: SweepConfig) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """The ablation passes of one cell: (direction rows, source columns, #real) of each pass's ablated rows.
+
+    fired_S: ascending indices, into the source-feature list handed to `run_sweep` (n_sources entries), of
+    the features that fire in the cell. Features go in groups [g·fpb, (g+1)·fpb) of that list; a group's
+    items are its fired features' real ablations (direction row s), then their null draws (row
+    n_sources + s·R + r), cut into passes of ≤ ablations_per_batch. A pass's content (its directions and
+    magnitudes) therefore depends on the group's features only.
+    """
+    fpb, cap, R = cfg.features_per_batch, cfg.ablations_per_batch, cfg.null_draws
+    passes = []
+    for f_g in np.split(fired_S, np.flatnonzero(np.diff(fired_S // fpb)) + 1):
+        if f_g.size == 0:
+            continue
+        rows = np.concatenate([f_g, n_sources + (f_g[:, None] * R + np.arange(R)[None, :]).reshape(-1)])
+        cols = np.concatenate([f_g, np.repeat(f_g, R)])
+        for lo in range(0, rows.size, cap):
+            passes.append((rows[lo : lo + cap], cols[lo : lo + cap], max(0, min(lo + cap, f_g.size) - lo)))
+    return passes
+
+
 @torch.inference_mode()
 def run_sweep(
     backend: Backend,
@@ -399,6 +436,9 @@ def run_sweep(
     """Ablate every source feature in every cell where it fires; accumulate δ statistics per target.
 
     δ_g = mean_{t ∈ response positions} (a_ℓ,g(t) − c_ℓ,g(t)),  h'_L(t) = h_L(t) − s·z_f(t)·W_dec[:, f].
+    Forward passes: per cell and per group of `cfg.features_per_batch` consecutive source features (see
+    `SweepConfig`), passes of ≤ `cfg.ablations_per_batch` ablated rows plus one clean row; blocks L+1..
+    max(target) − 1 in full, the last block only at the response positions (`Backend.block_at`).
     """
     t_start = time.perf_counter()
     L = int(source_layer)
@@ -413,11 +453,13 @@ def run_sweep(
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)
 
     # Ablation directions: v = s·W_dec[:, f] (real) and s·‖W_dec[:, f]‖·u_r (null), rows (S·(1+R), D).
-    w_SD = sae_src.W_dec_DF[:, torch.from_numpy(src).to(device)].T.float() * cfg.ablation_scale
+    # Everything per feature is computed so that its bits do not depend on the other features of the run.
+    src_dev = torch.from_numpy(src).to(device)
+    w_SD = sae_src.W_dec_DF.T[src_dev].float() * cfg.ablation_scale
     dirs = [w_SD]
     if R:
         u = torch.stack([null_directions(cfg.seed, L, int(f), R, D) for f in src]) if S else torch.zeros(0, R, D)
-        norms = sae_src.W_dec_DF[:, torch.from_numpy(src).to(device)].norm(dim=0).float()
+        norms = sae_src.W_dec_DF.norm(dim=0).float()[src_dev]  # all features' norms, then picked
         dirs.append((u.to(device) * (norms * cfg.ablation_scale)[:, None, None]).reshape(S * R, D))
     dir_ID = torch.cat(dirs)  # item kinds: s (real) for s < S, then S + s·R + r (null)
 
@@ -441,7 +483,6 @@ def run_sweep(
     counters = dict(
         forward_passes=0, null_forward_passes=0, clean_passes=0, clean_block_tokens=0, downstream_block_tokens=0
     )
-    src_dev = torch.from_numpy(src).to(device)
 
     for cell in cells:
         batch1 = backend.collate([cell])
@@ -458,29 +499,24 @@ def run_sweep(
         counters["clean_block_tokens"] += T * (L + 1)
         with torch.autocast(device.type, enabled=False):
             z_PS = sae_src.encode(hL_TD[gene_P].float())[:, src_dev]
-        fires_S = (z_PS > 0).any(dim=0)
-        fired = torch.nonzero(fires_S).flatten()
-        if fired.numel() == 0:
+        fired = np.flatnonzero((z_PS > 0).any(dim=0).cpu().numpy())
+        if fired.size == 0:
             continue
-        n_S[fired.cpu().numpy()] += 1
-        # Items of this cell: (direction row, source column); real first, then nulls.
-        item_dir = [fired]
-        item_src = [fired]
-        if R:
-            null_rows = (S + fired[:, None] * R + torch.arange(R, device=device)[None, :]).flatten()
-            item_dir.append(null_rows)
-            item_src.append(fired.repeat_interleave(R))
-        item_dir_I = torch.cat(item_dir)
-        item_src_I = torch.cat(item_src)
-        n_fired, n_items_cell = fired.numel(), item_dir_I.numel()
-        for lo in range(0, n_items_cell, cfg.ablations_per_batch):
-            hi = min(lo + cfg.ablations_per_batch, n_items_cell)
-            _ablation_batch(plan, batch1, hL_TD, gene_P, z_PS, item_dir_I[lo:hi], item_src_I[lo:hi])
-            n_real = max(0, min(hi, n_fired) - lo)
+        n_S[fired] += 1
+        for rows_dir, rows_src, n_real in _passes_of_cell(fired, S, cfg):
+            _ablation_batch(
+                plan,
+                batch1,
+                hL_TD,
+                gene_P,
+                z_PS,
+                torch.from_numpy(rows_dir).to(device),
+                torch.from_numpy(rows_src).to(device),
+            )
             counters["forward_passes"] += n_real
-            counters["null_forward_passes"] += hi - lo - n_real
+            counters["null_forward_passes"] += rows_dir.size - n_real
             counters["clean_passes"] += 1
-            counters["downstream_block_tokens"] += (hi - lo + 1) * T * (plan.stop - L)
+            counters["downstream_block_tokens"] += (rows_dir.size + 1) * T * (plan.stop - L)
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -517,45 +553,56 @@ def run_sweep(
 
 
 def _ablation_batch(plan: _Plan, batch1, hL_TD, gene_P, z_PS, rows_dir, rows_src) -> None:
-    """One batch of one cell: row 0 = the clean cell, rows 1..I = its ablations; δ added to plan.acc.
+    """One pass of one cell: row 0 = the clean cell, rows 1..I = its ablations; δ added to plan.acc.
 
     rows_dir: direction row of each ablation; rows_src: its source-feature column of z_PS (gene positions × S).
+    Blocks L+1..stop−1 run in full; block `stop` only at the read positions (`Backend.block_at`).
     """
     acc_sum, acc_sq, acc_pos, acc_neg = plan.acc
     device = hL_TD.device
     I = rows_dir.numel()
+    T = hL_TD.shape[0]
     # Ablation magnitudes per (item, gene position): z of the item's source feature (0 where it is silent).
-    z_IP = z_PS[:, rows_src].T.contiguous()
-    h_BTD = hL_TD.unsqueeze(0).repeat(I + 1, 1, 1)
-    delta_IPD = (z_IP[:, :, None] * plan.dir_ID[rows_dir][:, None, :]).to(h_BTD.dtype)
-    h_BTD[1:, gene_P] = h_BTD[1:, gene_P] - delta_IPD
-    # Response positions: (item, gene-position index) pairs, and their union for the clean row.
+    z_IP = z_PS[:, rows_src].T
+    z_IT = z_IP.new_zeros(I, T)
+    z_IT[:, gene_P] = z_IP
+    delta_ITD = (z_IT[:, :, None] * plan.dir_ID[rows_dir][:, None, :]).to(hL_TD.dtype)
+    h_BTD = torch.cat([hL_TD[None], hL_TD[None] - delta_ITD])
+    # Read positions: the clean row at the union U of the items' response positions, then the N
+    # (item, position) pairs; one gather (or one `block_at`) and one SAE encode per target layer.
     resp_IP = z_IP > 0 if plan.response == "firing" else torch.ones_like(z_IP, dtype=torch.bool)
     item_N, pidx_N = torch.nonzero(resp_IP, as_tuple=True)
     union_U = torch.nonzero(resp_IP.any(dim=0)).flatten()
+    U = union_U.numel()
     lut_P = torch.full((gene_P.numel(),), -1, dtype=torch.long, device=device)
-    lut_P[union_U] = torch.arange(union_U.numel(), device=device)
-    count_I = resp_IP.sum(dim=1).to(torch.float64)
-    pos_N = gene_P[pidx_N]
+    lut_P[union_U] = torch.arange(U, device=device)
+    clean_of_N = lut_P[pidx_N]
+    inv_count_I = 1.0 / resp_IP.sum(dim=1).to(torch.float64)
+    rows_M = torch.cat([item_N.new_zeros(U), 1 + item_N])
+    pos_M = gene_P[torch.cat([union_U, pidx_N])]
     batchB = batch1.select(torch.zeros(I + 1, dtype=torch.long, device=batch1.input_ids_BT.device))
+    backend, L, stop = plan.backend, plan.source_layer, plan.stop
+
+    def accumulate(slot: int, sae: TopKSAE, x_MD: torch.Tensor) -> None:
+        with torch.autocast(device.type, enabled=False):
+            # clean and ablated positions in ONE encode: identical inputs give bit-identical codes
+            codes = sae.encode(x_MD.float())
+            diff_NF = (codes[U:] - codes[clean_of_N]).to(torch.float64)
+            d_IF = torch.zeros(I, diff_NF.shape[1], dtype=torch.float64, device=device)
+            d_IF.index_add_(0, item_N, diff_NF)
+            d_IF *= inv_count_I[:, None]
+            acc_sum[:, slot].index_add_(0, rows_dir, d_IF)
+            acc_sq[:, slot].index_add_(0, rows_dir, d_IF * d_IF)
+            acc_pos[:, slot].index_add_(0, rows_dir, (d_IF > 0).to(torch.int64))
+            acc_neg[:, slot].index_add_(0, rows_dir, (d_IF < 0).to(torch.int64))
+
     with torch.autocast(**plan.amp):
-        for layer, h in plan.backend.run_blocks(h_BTD, batchB, plan.source_layer + 1, plan.stop):
-            if layer not in plan.sae_slots:
-                continue
-            slot, sae = plan.sae_slots[layer]
-            with torch.autocast(device.type, enabled=False):
-                # clean and ablated rows in ONE encode: identical inputs give bit-identical codes
-                x = torch.cat([h[0, gene_P[union_U]], h[1 + item_N, pos_N]]).float()
-                codes = sae.encode(x)
-                c_UF, a_NF = codes[: union_U.numel()], codes[union_U.numel() :]
-                diff_NF = (a_NF - c_UF[lut_P[pidx_N]]).to(torch.float64)
-                d_IF = torch.zeros(I, diff_NF.shape[1], dtype=torch.float64, device=device)
-                d_IF.index_add_(0, item_N, diff_NF)
-                d_IF /= count_I[:, None]
-                acc_sum[:, slot].index_add_(0, rows_dir, d_IF)
-                acc_sq[:, slot].index_add_(0, rows_dir, d_IF * d_IF)
-                acc_pos[:, slot].index_add_(0, rows_dir, (d_IF > 0).to(torch.int64))
-                acc_neg[:, slot].index_add_(0, rows_dir, (d_IF < 0).to(torch.int64))
+        h = h_BTD
+        if stop > L + 1:
+            for layer, h in backend.run_blocks(h_BTD, batchB, L + 1, stop - 1):
+                if layer in plan.sae_slots:
+                    accumulate(*plan.sae_slots[layer], h[rows_M, pos_M])
+        accumulate(*plan.sae_slots[stop], backend.block_at(h, batchB, stop, rows_M, pos_M))
 
 
 __all__ = [

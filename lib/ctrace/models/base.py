@@ -8,11 +8,12 @@ only differ by what is injected.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,17 @@ class Backend(abc.ABC):
         own forward; padded positions of the outputs are meaningless and must not be read.
         """
 
+    def block_at(
+        self, h_BTD: torch.Tensor, batch: Batch, layer: int, rows_N: torch.Tensor, pos_N: torch.Tensor
+    ) -> torch.Tensor:
+        """Output of block `layer` (input `h_BTD`) read only at the (row, position) pairs: h_layer[rows_N, pos_N].
+
+        For a last block whose output is read at a few positions. This default runs the whole block;
+        back-ends override it to compute keys/values everywhere and the rest at the N queries only.
+        """
+        ((_, out_BTD),) = self.run_blocks(h_BTD, batch, layer, layer)
+        return out_BTD[rows_N, pos_N]
+
     # ---- derived ------------------------------------------------------------------------------
     @torch.no_grad()
     def hidden_states(self, batch: Batch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -139,6 +151,87 @@ class Backend(abc.ABC):
         for layer in layers:
             if not 0 <= layer < self.n_layers:
                 raise ValueError(f"layer {layer} out of range 0..{self.n_layers - 1} for {self.name}")
+
+
+# ---- post-LN encoder blocks (BERT layers; torch TransformerEncoderLayer with norm_first=False) ------------
+Linear = tuple[torch.Tensor, torch.Tensor]  # (weight_OI, bias_O)
+
+
+@dataclass(frozen=True)
+class PostLNBlock:
+    """One post-LN encoder block on plain tensors (inference only).
+
+    h = LN₁(x + W_o·MHA(x) + b_o),  out = LN₂(h + W₂·act(W₁·h + b₁) + b₂);  MHA = softmax(q·kᵀ/√d_head)·v.
+    `qkv` is the fused (3D, D) in-projection [W_q; W_k; W_v] (one matmul for all three). Attention runs as
+    torch's `scaled_dot_product_attention`, with a key mask only when there is padding.
+    """
+
+    n_heads: int
+    qkv: Linear
+    o: Linear
+    ff1: Linear
+    ff2: Linear
+    ln1: tuple[torch.Tensor, torch.Tensor, float]  # (weight, bias, eps)
+    ln2: tuple[torch.Tensor, torch.Tensor, float]
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, x_BTD: torch.Tensor, keep_BT: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        q, k, v = self._heads(F.linear(x_BTD, *self.qkv)).unbind(0)
+        o_BHTd = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(keep_BT))
+        return self._after_attention(x_BTD, o_BHTd.transpose(1, 2).reshape(B, T, D))
+
+    def at(self, x_BTD: torch.Tensor, keep_BT: torch.Tensor, rows_N: torch.Tensor, pos_N: torch.Tensor) -> torch.Tensor:
+        """out[rows_N, pos_N] (N, D): keys and values at every position, everything else at the N queries only.
+
+        The queries are laid out as chunks of ≤ Q queries of one row each (`_query_chunks`), the chunk's
+        row's keys and values are repeated per chunk, and the padding slots of the chunks are dropped.
+        """
+        D, N = x_BTD.shape[2], rows_N.numel()
+        w, b = self.qkv
+        row_C, chunk_N, slot_N, Q = _query_chunks(rows_N, x_BTD.shape[0])
+        x_ND = x_BTD[rows_N, pos_N]
+        q_CQD = x_ND.new_zeros(row_C.numel(), Q, D)
+        q_CQD[chunk_N, slot_N] = F.linear(x_ND, w[:D], b[:D])
+        k, v = self._heads(F.linear(x_BTD, w[D:], b[D:]).index_select(0, row_C)).unbind(0)
+        mask = _key_mask(keep_BT.index_select(0, row_C))
+        (q,) = self._heads(q_CQD).unbind(0)
+        o_CHQd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self._after_attention(x_ND, o_CHQd.transpose(1, 2)[chunk_N, slot_N].reshape(N, D))
+
+    def _heads(self, y_BTnD: torch.Tensor) -> torch.Tensor:
+        """(B, T, n·D) → (n, B, heads, T, D/heads): n stacked projections split into heads."""
+        B, T, nD = y_BTnD.shape
+        D = self.o[0].shape[0]
+        return y_BTnD.view(B, T, nD // D, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+
+    def _after_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        D = x.shape[-1]
+        h = F.layer_norm(F.linear(attn, *self.o) + x, (D,), *self.ln1)
+        return F.layer_norm(F.linear(self.act(F.linear(h, *self.ff1)), *self.ff2) + h, (D,), *self.ln2)
+
+
+def _key_mask(keep_BT: torch.Tensor) -> torch.Tensor | None:
+    """SDPA's boolean mask (B, 1, 1, T), True = attend; None without padding (the unmasked kernel)."""
+    return None if bool(keep_BT.all()) else keep_BT[:, None, None, :]
+
+
+def _query_chunks(rows_N: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Lay N queries out as C chunks of Q = ⌈N / n_rows⌉ slots, each chunk within one row.
+
+    Returns row_C (the row of each chunk), chunk_N and slot_N (where each query goes), Q. A row with
+    n queries gets ⌈n/Q⌉ chunks, so a few long rows do not pad every row to their length.
+    """
+    N, device = rows_N.numel(), rows_N.device
+    Q = max(1, -(-N // n_rows))
+    count_B = torch.bincount(rows_N, minlength=n_rows)
+    order_N = torch.argsort(rows_N, stable=True)
+    rank_N = torch.empty_like(rows_N)
+    rank_N[order_N] = torch.arange(N, device=device) - (torch.cumsum(count_B, 0) - count_B)[rows_N[order_N]]
+    chunks_B = (count_B + Q - 1) // Q
+    first_B = torch.cumsum(chunks_B, 0) - chunks_B
+    row_C = torch.repeat_interleave(torch.arange(n_rows, device=device), chunks_B)
+    return row_C, first_B[rows_N] + rank_N // Q, rank_N % Q, Q
 
 
 @torch.no_grad()  # wraps a generator: every step of the iteration runs without grad

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ctrace.errors import CtraceInputError
-from ctrace.models.base import Backend, Batch
+from ctrace.models.base import Backend, Batch, PostLNBlock
 from ctrace.vocab import GeneformerDictionaries
 
 if TYPE_CHECKING:
@@ -54,7 +54,12 @@ def read_geneformer_config(model_dir: str | os.PathLike) -> dict:
 
 
 class GeneformerBackend(Backend):
-    """A Geneformer checkpoint run block by block (HF eager attention, additive padding mask)."""
+    """A Geneformer checkpoint run block by block.
+
+    The blocks run as `PostLNBlock`s on the HF layers' own parameters (scaled_dot_product_attention,
+    unmasked when there is no padding); `module` is the HF model itself (eager attention), for its heads
+    and as the reference the block-by-block runs are tested against.
+    """
 
     name = "geneformer"
 
@@ -90,7 +95,7 @@ class GeneformerBackend(Backend):
         # info instead of raising its own error; we then refuse any mismatch below.
         model, info = BertForMaskedLM.from_pretrained(
             model_dir,
-            attn_implementation="eager",  # run_blocks passes HF's additive (B,1,1,T) mask (§3.1)
+            attn_implementation="eager",  # the HF forward is the reference (§3.1); run_blocks is our own
             dtype=dtype,
             output_loading_info=True,
             ignore_mismatched_sizes=True,
@@ -130,6 +135,7 @@ class GeneformerBackend(Backend):
         self.cls_token_id: int | None = token_dict.get("<cls>")
         self.eos_token_id: int | None = token_dict.get("<eos>")
         self.mask_token_id: int = token_dict["<mask>"]
+        self._blocks: dict[int, tuple[tuple, PostLNBlock]] = {}  # layer → (q/k/v signature, block); `_block`
 
     # ---- Backend primitives -------------------------------------------------------------------
     def embed(self, batch: Batch) -> torch.Tensor:
@@ -146,13 +152,44 @@ class GeneformerBackend(Backend):
         self, h_BTD: torch.Tensor, batch: Batch, start: int, stop: int
     ) -> Iterator[tuple[int, torch.Tensor]]:
         _check_block_range(start, stop, self.n_layers)
-        mask_B11T = self._extended_mask(batch.keep_BT, h_BTD.dtype)
-        layers = self.module.bert.encoder.layer
         for index in range(start, stop + 1):
-            out = layers[index](h_BTD, attention_mask=mask_B11T)
-            # transformers 4.x returns a tuple (hidden, ...); 5.x returns the tensor itself.
-            h_BTD = out[0] if isinstance(out, tuple) else out
+            h_BTD = self._block(index)(h_BTD, batch.keep_BT)
             yield index, h_BTD
+
+    def block_at(
+        self, h_BTD: torch.Tensor, batch: Batch, layer: int, rows_N: torch.Tensor, pos_N: torch.Tensor
+    ) -> torch.Tensor:
+        _check_block_range(layer, layer, self.n_layers)
+        return self._block(layer).at(h_BTD, batch.keep_BT, rows_N, pos_N)
+
+    def _block(self, index: int) -> PostLNBlock:
+        """BertLayer `index` as a `PostLNBlock` on the HF layer's own parameters (dropout is off in eval).
+
+        Built once per layer and cached; the fused q/k/v in-projection is a copy, rebuilt whenever one of
+        the six q/k/v tensors has been replaced or modified in place since (their version counters).
+        """
+        layer = self.module.bert.encoder.layer[index]
+        attn = layer.attention.self
+        qkv = (attn.query.weight, attn.key.weight, attn.value.weight, attn.query.bias, attn.key.bias, attn.value.bias)
+        signature = tuple((t.data_ptr(), t._version) for t in qkv)
+        cached = self._blocks.get(index)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        ln1, ln2 = layer.attention.output.LayerNorm, layer.output.LayerNorm
+        act = layer.intermediate.intermediate_act_fn
+        block = PostLNBlock(
+            n_heads=attn.num_attention_heads,
+            qkv=(torch.cat(qkv[:3]).detach(), torch.cat(qkv[3:]).detach()),
+            o=(layer.attention.output.dense.weight, layer.attention.output.dense.bias),
+            ff1=(layer.intermediate.dense.weight, layer.intermediate.dense.bias),
+            ff2=(layer.output.dense.weight, layer.output.dense.bias),
+            ln1=(ln1.weight, ln1.bias, ln1.eps),
+            ln2=(ln2.weight, ln2.bias, ln2.eps),
+            # ReLU in place on the fresh W₁·h + b₁ (the activation's input is used nowhere else)
+            act=torch.relu_ if isinstance(act, torch.nn.ReLU) else act,
+        )
+        self._blocks[index] = (signature, block)
+        return block
 
     # ---- heads --------------------------------------------------------------------------------
     def mlm_logits(self, h_last_BTD: torch.Tensor) -> torch.Tensor:
@@ -165,15 +202,6 @@ class GeneformerBackend(Backend):
         t_BTD = head.transform(h_last_BTD)
         word_VD = self.module.bert.embeddings.word_embeddings.weight
         return t_BTD @ word_VD.T + head.bias
-
-    # ---- helpers ------------------------------------------------------------------------------
-    @staticmethod
-    def _extended_mask(keep_BT: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """HF's extended additive mask: 0 at real tokens, dtype-min at padding; None without padding."""
-        if bool(keep_BT.all()):
-            return None
-        pad_BT = (~keep_BT).to(dtype)
-        return (pad_BT * torch.finfo(dtype).min)[:, None, None, :]
 
 
 def build_geneformer(
