@@ -12,6 +12,9 @@ Small benchmark (default): a tiny randomly initialised Geneformer in the officia
 (tests/model_fixtures.py + ctrace.models.load_backend), 4 blocks, d 64, 1,000-gene vocabulary (so the MLM
 head costs about a block, as in the real model), ~80-token cells, SAEs 4× wide with k 16.
   PYTHONPATH=lib python bench/sweep_vs_reference.py --threads 1 --source-layers 0,1,2 [--device cuda]
+The sweep runs with SweepConfig(features_per_batch=--features-per-batch (default: all source features, one
+group), ablations_per_batch=--ablations-per-batch (default 32)): per cell one pass of ≤ 32 ablated rows + 1
+clean row, the last target block only at the read positions (Backend.block_at).
 On a shared CPU use --threads 1: with tiny matrices, idle-spinning OpenMP threads make timings meaningless.
 `--real-size`: a randomly initialised Geneformer V2-316M-shaped model (18 layers, d 1152, 18 heads, ffn
 4608), ~2000-gene cells, 30 source features × 200 cells at source layer 0; reports forward passes per
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -243,15 +247,22 @@ def block_flops(T: int, d: int, ffn: int) -> float:
     return T * (8.0 * d * d + 4.0 * d * ffn) + 4.0 * T * T * d
 
 
-def sweep_downstream_flops(cells, fired_per_cell, n_blocks, per_batch, d, ffn, null_draws=0) -> float:
-    """FLOPs of the sweep's ablation batches: per cell ⌈m/B⌉ batches, m ablated rows + one clean row each."""
+def sweep_downstream_flops(cells, fired_per_cell, n_blocks, cfg: SweepConfig, d, ffn) -> float:
+    """Matmul FLOPs of the sweep's ablation passes (the work that has to be done, not counting overheads).
+
+    Per cell and group of cfg.features_per_batch source features with m = fired·(1 + null_draws) ablations:
+    ⌈m / ablations_per_batch⌉ passes, m ablated rows + one clean row each; blocks L+1..stop−1 in full, the
+    last block's keys and values at every position (its queries, read at a few positions, are not counted).
+    fired_per_cell: per cell, the indices (into the source-feature list) of the features that fire.
+    """
     total = 0.0
     for cell, fired in zip(cells, fired_per_cell):
-        m = fired * (1 + null_draws)
-        if m == 0:
-            continue
-        rows = m + math.ceil(m / per_batch)
-        total += rows * n_blocks * block_flops(len(cell.input_ids), d, ffn)
+        T = len(cell.input_ids)
+        groups = np.bincount(np.asarray(fired, dtype=np.int64) // cfg.features_per_batch)
+        for n in groups[groups > 0]:
+            m = int(n) * (1 + cfg.null_draws)
+            rows = m + math.ceil(m / cfg.ablations_per_batch)
+            total += rows * ((n_blocks - 1) * block_flops(T, d, ffn) + T * 4.0 * d * d)
     return total
 
 
@@ -276,7 +287,7 @@ def matmul_flops_per_s(m: int, k: int, n: int, device: torch.device, bf16: bool,
 
 
 class TimedBackend(Backend):
-    """Delegates to a backend and times the downstream `run_blocks` calls (start > source layer)."""
+    """Delegates to a backend and times the downstream `run_blocks` (start > source layer) and `block_at` calls."""
 
     def __init__(self, inner: Backend, source_layer: int):
         self.inner, self.source_layer, self.block_s = inner, source_layer, 0.0
@@ -298,6 +309,15 @@ class TimedBackend(Backend):
     def embed(self, batch):
         return self.inner.embed(batch)
 
+    def block_at(self, h, batch, layer, rows_N, pos_N):
+        sync = torch.cuda.synchronize if torch.device(self.device).type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        out = self.inner.block_at(h, batch, layer, rows_N, pos_N)
+        sync()
+        self.block_s += time.perf_counter() - t0
+        return out
+
     def run_blocks(self, h, batch, start, stop):
         if start <= self.source_layer:
             yield from self.inner.run_blocks(h, batch, start, stop)
@@ -317,16 +337,17 @@ class TimedBackend(Backend):
             yield item
 
 
-def fired_counts(backend, saes, cells, L, feats) -> list[int]:
+def fired_sets(backend, saes, cells, L, feats) -> list[np.ndarray]:
+    """Per cell: the indices into `feats` of the source features that fire in it (for the FLOP count)."""
     sae = saes[L]
-    counts = []
+    fired = []
     with torch.no_grad():
         for cell in cells:
             batch = backend.collate([cell])
             h = backend.hidden_states(batch, [L])[L][0]
             z = sae.to(h.device).encode(h[batch.gene_BT[0]])[:, feats]
-            counts.append(int((z > 0).any(0).sum()))
-    return counts
+            fired.append(np.flatnonzero((z > 0).any(0).cpu().numpy()))
+    return fired
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -393,7 +414,9 @@ def run_small(args) -> dict:
         seed=2,
     )
     feats = list(range(0, args.sae_features, max(1, args.sae_features // args.features)))[: args.features]
-    cfg = SweepConfig(ablations_per_batch=args.ablations_per_batch, seed=0)
+    cfg = SweepConfig(
+        features_per_batch=args.features_per_batch or len(feats), ablations_per_batch=args.ablations_per_batch, seed=0
+    )
     median_T = int(np.median([len(c.input_ids) for c in cells]))
     peak = matmul_flops_per_s(
         (args.ablations_per_batch + 1) * median_T, backend.d_model, 4 * backend.d_model, device, bf16=False
@@ -410,9 +433,9 @@ def run_small(args) -> dict:
         cmp = compare_stats(stats, ref)
         flops = sweep_downstream_flops(
             cells,
-            ref_info["fired_per_cell"],
+            fired_sets(backend, saes, cells, L, feats),
             targets[-1] - L,
-            args.ablations_per_batch,
+            cfg,
             backend.d_model,
             4 * backend.d_model,
         )
@@ -450,7 +473,8 @@ def run_small(args) -> dict:
         "cells": len(cells),
         "median_tokens": median_T,
         "source_features": len(feats),
-        "ablations_per_batch": args.ablations_per_batch,
+        "features_per_batch": cfg.features_per_batch,
+        "ablations_per_batch": cfg.ablations_per_batch,
         "matmul_gflops_per_s": peak / 1e9,
         "per_source_layer": per_layer,
         "sweep_s": sweep_s,
@@ -485,12 +509,12 @@ def run_real_size(args) -> dict:
     targets = list(range(L + 1, backend.n_layers))
     saes = fitted_saes(backend, cells, [L, *targets], n_features=4 * 1152, k=32, seed=2)
     feats = list(range(0, 4 * 1152, (4 * 1152) // args.features))[: args.features]
-    fired = fired_counts(backend, saes, cells, L, feats)
-    cfg = SweepConfig(ablations_per_batch=args.ablations_per_batch, seed=0)
+    fired = fired_sets(backend, saes, cells, L, feats)
+    cfg = SweepConfig(features_per_batch=args.features_per_batch, ablations_per_batch=args.ablations_per_batch, seed=0)
     run_sweep(backend, saes, cells[:1], L, feats[:2], targets, cfg)  # warm-up (kernels, allocator)
     timed = TimedBackend(backend, L)
     stats = run_sweep(timed, saes, cells, L, feats, targets, cfg)
-    flops = sweep_downstream_flops(cells, fired, targets[-1] - L, args.ablations_per_batch, 1152, 4608)
+    flops = sweep_downstream_flops(cells, fired, targets[-1] - L, cfg, 1152, 4608)
     median_T = int(np.median([len(c.input_ids) for c in cells]))
     peak = matmul_flops_per_s((args.ablations_per_batch + 1) * median_T, 1152, 4608, device, bf16=False)
     passes_per_s = stats.forward_passes / stats.wall_time_s
@@ -502,6 +526,8 @@ def run_real_size(args) -> dict:
         "median_tokens": median_T,
         "source_layer": L,
         "source_features": len(feats),
+        "features_per_batch": cfg.features_per_batch,
+        "ablations_per_batch": cfg.ablations_per_batch,
         "fired_pairs": int(stats.n_S.sum()),
         "fp32": {
             "sweep_s": stats.wall_time_s,
@@ -521,7 +547,7 @@ def run_real_size(args) -> dict:
     if args.bf16 and device.type != "cuda":
         result["bf16"] = "skipped: bf16 autocast is for the GPU only (on CPUs bf16 matmuls are far slower than fp32)"
     elif args.bf16:
-        cfg16 = SweepConfig(ablations_per_batch=args.ablations_per_batch, seed=0, autocast_bf16=True)
+        cfg16 = dataclasses.replace(cfg, autocast_bf16=True)
         run_sweep(backend, saes, cells[:1], L, feats[:2], targets, cfg16)
         timed16 = TimedBackend(backend, L)
         s16 = run_sweep(timed16, saes, cells, L, feats, targets, cfg16)
@@ -549,7 +575,13 @@ def main(argv=None) -> int:
     ap.add_argument("--features", type=int, default=None)
     ap.add_argument("--source-layer", type=int, default=0)
     ap.add_argument("--source-layers", default=None, help="small model: comma-separated list (e.g. 0,1,2)")
-    ap.add_argument("--ablations-per-batch", type=int, default=None)
+    ap.add_argument(
+        "--features-per-batch",
+        type=int,
+        default=None,
+        help="SweepConfig.features_per_batch (default: all source features in one group; --real-size: 16)",
+    )
+    ap.add_argument("--ablations-per-batch", type=int, default=None, help="SweepConfig.ablations_per_batch")
     ap.add_argument("--min-len", type=int, default=None)
     ap.add_argument("--max-len", type=int, default=None)
     ap.add_argument("--layers", type=int, default=4, help="small model: blocks")
@@ -569,7 +601,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     defaults = (
-        {"cells": 200, "features": 30, "ablations_per_batch": 16, "min_len": 1900, "max_len": 2100}
+        {
+            "cells": 200,
+            "features": 30,
+            "features_per_batch": 16,
+            "ablations_per_batch": 16,
+            "min_len": 1900,
+            "max_len": 2100,
+        }
         if args.real_size
         else {"cells": 24, "features": 16, "ablations_per_batch": 32, "min_len": 40, "max_len": 120}
     )
