@@ -66,6 +66,13 @@ def test_missing_files_are_reported(raw_config, tmp_path):
     assert "models.geneformer.checkpoint: folder" in text
 
 
+def test_shards_must_hold_whole_batch_groups(raw_config):
+    raw_config["sweep"] = {**raw_config["sweep"], "features_per_shard": 12, "features_per_batch": 8}
+    with pytest.raises(CtraceInputError, match=r"sweep.features_per_shard \(12\) must be a multiple of "
+                       r"sweep.features_per_batch \(8\)"):
+        validate_config(raw_config)
+
+
 def test_missing_biology_inputs_are_reported(raw_config, tmp_path):
     raw_config["biology"] = {"tf_targets": str(tmp_path / "trrust.tsv"), "perturbation": [str(tmp_path / "k.h5ad")]}
     with pytest.raises(CtraceInputError) as err:

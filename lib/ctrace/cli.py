@@ -270,8 +270,8 @@ def cmd_sweep(args) -> None:
     cells_file = TokenizedCells.load(args.tokenized)
     cells = [cells_file.cell(i) for i in range(len(cells_file))]
     targets = [layer for layer in sorted(saes) if layer > args.layer]
-    cfg = SweepConfig(ablations_per_batch=args.ablations_per_batch, response=args.response,
-                      null_draws=args.null_draws, seed=args.seed)
+    cfg = SweepConfig(features_per_batch=args.features_per_batch, ablations_per_batch=args.ablations_per_batch,
+                      response=args.response, null_draws=args.null_draws, seed=args.seed)
     stats = run_sweep(backend, saes, cells, args.layer, shard, targets, cfg)
     stats.save(args.out)
     log.info("layer %d shard %d: %d source features, %d ablated passes in %.1fs", args.layer, args.shard,
@@ -521,7 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", required=True, help="selected source features (TSV)")
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--features-per-shard", type=int, required=True)
-    p.add_argument("--ablations-per-batch", type=int, default=32)
+    p.add_argument("--features-per-batch", type=int, default=8,
+                   help="consecutive source features of the shard whose ablations share forward passes")
+    p.add_argument("--ablations-per-batch", type=int, default=32, help="cap on ablated rows per forward pass")
     p.add_argument("--response", default="firing", choices=["firing", "all"])
     p.add_argument("--null-draws", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)

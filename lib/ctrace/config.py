@@ -110,6 +110,13 @@ def _check_references(config: dict) -> None:
             problems.append(f"  models.{name}.dictionaries: scGPT reads vocab.json from its checkpoint folder")
         if (block["checkpoint"] == DEMO) != (block.get("dictionaries", DEMO) == DEMO):
             problems.append(f"  models.{name}: checkpoint and dictionaries must both be 'demo' or both paths")
+    sweep = config["sweep"]
+    if sweep["features_per_shard"] % sweep["features_per_batch"]:
+        problems.append(
+            f"  sweep.features_per_shard ({sweep['features_per_shard']}) must be a multiple of "
+            f"sweep.features_per_batch ({sweep['features_per_batch']}), so that every shard holds whole batch "
+            "groups and the shards merge bit-identically to one run; change either value"
+        )
     if problems:
         raise CtraceInputError("invalid config:\n" + "\n".join(problems))
 

@@ -358,7 +358,8 @@ def get_sweep_sae_files(wildcards):
 def get_sweep_args(wildcards):
     sweep = config["sweep"]
     return (
-        f"--features-per-shard {sweep['features_per_shard']} --ablations-per-batch {sweep['ablations_per_batch']}"
+        f"--features-per-shard {sweep['features_per_shard']} --features-per-batch {sweep['features_per_batch']}"
+        f" --ablations-per-batch {sweep['ablations_per_batch']}"
         f" --response {sweep['response']} --null-draws {sweep['null_draws']}"
     )
 
