@@ -14,6 +14,8 @@
 #                      NOTE lines, not failures (E2E_STRICT_BYTES=1 fails them): JSON/TSV/NPZ/parquet
 #                      outputs that embed wall-clock timings (wall_time_s, *_seconds, ...) must be
 #                      equal without those fields; scGPT's best_model.pt must be tensor-identical.
+#   3. local run     : the same config without Slurm (`snakemake --cores 1`, started in the background
+#                      during step 1); (c) the resumed run's outputs equal its outputs, as in (b).
 #
 # Needs root (apt, daemons) and snakemake + snakemake-executor-plugin-slurm on PATH (or $SNAKEMAKE).
 # Prints "SLURM E2E: PASS" or "SLURM E2E: FAIL (...)" last; exit status 0 only on PASS.
@@ -274,6 +276,7 @@ PYEOF
 cleanup() {
   local rc=$?
   [ -n "${SPID:-}" ] && kill -KILL "$SPID" 2>/dev/null || true
+  [ -n "${LPID:-}" ] && kill -TERM "$LPID" 2>/dev/null || true
   if [ "${E2E_KEEP_SLURM:-0}" != 1 ]; then bash "$HERE/slurm_down.sh" || true; fi
   exit $rc
 }
@@ -289,6 +292,13 @@ echo "TIMING slurm_up: $(el "$T")s"
 # nothing there, so the reduced config is used alone, by the controller and by every Slurm job.
 SMK=("$SNAKEMAKE" --profile "$SRC/profiles/slurm" --snakefile "$SRC/Snakefile"
      --configfile "$CONFIG" --verbose --slurm-keep-successful-logs)
+
+# ---- 3. (started now, checked last) the uninterrupted local run, without Slurm --------------------
+LOCAL="$WORK/local"; rm -rf "$LOCAL"; mkdir -p "$LOCAL"
+log "uninterrupted local run (no Slurm, --cores 1) in the background -> $LOCAL/run.log"
+( timeout -k 30 "$(remaining)" "$SNAKEMAKE" --snakefile "$SRC/Snakefile" --configfile "$CONFIG" \
+    --directory "$LOCAL" --cores 1 > "$LOCAL/run.log" 2>&1; echo $? > "$LOCAL/exit_status" ) &
+LPID=$!
 
 # ---- 1. full run ------------------------------------------------------------------------------
 FULL="$WORK/full"; rm -rf "$FULL"; mkdir -p "$FULL"
@@ -410,5 +420,16 @@ if [ $RC -eq 0 ]; then
   "$PY" "$TOOLS" compare "$FULL" "$RES" "$STRICT" || fail "(b) outputs differ from the uninterrupted run"
 fi
 
-echo "logs: $FULL/run.log $RES/killed.log $RES/resumed.log"
+# (c) outputs equal to an uninterrupted local run's (no Slurm)
+wait "$LPID" 2>/dev/null || true
+LPID=""
+LRC=$(cat "$LOCAL/exit_status" 2>/dev/null || echo "?")
+if [ "$LRC" != 0 ]; then
+  tail -n 30 "$LOCAL/run.log"; fail "local run exited $LRC"
+elif [ $RC -eq 0 ]; then
+  echo "(c) resumed Slurm run vs uninterrupted local run:"
+  "$PY" "$TOOLS" compare "$LOCAL" "$RES" "$STRICT" || fail "(c) outputs differ from the uninterrupted local run"
+fi
+
+echo "logs: $FULL/run.log $RES/killed.log $RES/resumed.log $LOCAL/run.log"
 finish
