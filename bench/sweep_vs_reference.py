@@ -179,12 +179,12 @@ def reference_sweep(backend, saes, cells, L, feats, targets) -> tuple[dict[str, 
         clean_full_TD = clean[L][0].cpu()
         z_PF = cpu[L].encode(clean_full_TD[gene_P])
         clean_down = {dl: clean[dl][0].cpu()[gene_P] for dl in targets}
-        fired = 0
-        for f in feats:
+        fired = []  # indices into feats, for the sweep's FLOP count
+        for si, f in enumerate(feats):
             active_P = z_PF[:, f] > 0
             if not bool(active_P.any()):
                 continue
-            fired += 1
+            fired.append(si)
             n_active[f] += 1
             z_abl = z_PF.clone()
             z_abl[:, f] = 0.0
@@ -199,7 +199,7 @@ def reference_sweep(backend, saes, cells, L, feats, targets) -> tuple[dict[str, 
                 ablated_codes = cpu[dl].encode(ablated[dl][0].cpu()[gene_P])
                 per_pos = [(ablated_codes[p] - clean_codes[p]).numpy().astype(np.float64) for p in active_positions]
                 acc[(f, dl)].update(np.mean(per_pos, axis=0))
-        fired_per_cell.append(fired)
+        fired_per_cell.append(np.asarray(fired, dtype=np.int64))
     if torch.device(backend.device).type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -433,7 +433,7 @@ def run_small(args) -> dict:
         cmp = compare_stats(stats, ref)
         flops = sweep_downstream_flops(
             cells,
-            fired_sets(backend, saes, cells, L, feats),
+            ref_info["fired_per_cell"],
             targets[-1] - L,
             cfg,
             backend.d_model,

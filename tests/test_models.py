@@ -178,14 +178,19 @@ def _read_pairs(batch, n_per_row: int, seed: int) -> tuple[torch.Tensor, torch.T
     return torch.cat(rows), torch.cat(pos)
 
 
+def _block_at_batch(backend, padded: bool, n_cells: int):
+    """A padded batch of cells of different lengths, or n_cells cells of one length (no padding)."""
+    if padded:
+        return _padded_batch(backend, seed=5)[1]
+    batch = backend.collate(random_cells(backend, n_cells, 20, 20, seed=5))
+    assert bool(batch.keep_BT.all())
+    return batch
+
+
 @pytest.mark.parametrize("padded", [True, False])
 def test_geneformer_block_at_matches_hf_forward(gf, padded):
     """block_at (keys/values everywhere, the rest at the queries only) = the HF layer's output there."""
-    if padded:
-        _, batch = _padded_batch(gf, seed=5)
-    else:
-        batch = gf.collate(random_cells(gf, 4, 20, 20, seed=5))
-        assert bool(batch.keep_BT.all())
+    batch = _block_at_batch(gf, padded, n_cells=4)
     hf = _hf_hidden_states(gf, batch)
     rows_N, pos_N = _read_pairs(batch, 3, seed=6)
     for layer in range(gf.n_layers):
@@ -458,11 +463,7 @@ def test_scgpt_padded_batch_equals_cells_one_by_one(sc):
 @pytest.mark.parametrize("padded", [True, False])
 def test_scgpt_block_at_matches_official_layers(sc, padded):
     """The default block_at (whole block, then read) = the official layer's output at the pairs."""
-    if padded:
-        _, batch = _padded_batch(sc, seed=5)
-    else:
-        batch = sc.collate(random_cells(sc, 3, 20, 20, seed=5))
-        assert bool(batch.keep_BT.all())
+    batch = _block_at_batch(sc, padded, n_cells=3)
     rows_N, pos_N = _read_pairs(batch, 3, seed=6)
     with torch.no_grad():
         h0 = sc.embed(batch)

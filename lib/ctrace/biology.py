@@ -28,10 +28,13 @@ from ctrace.validation import (
 ALL_CONDITIONS = "all"
 
 
-def _with_null(result, null_values: np.ndarray) -> dict[str, Any]:
-    out = result.to_dict()
-    out["null_values"] = [float(v) for v in np.asarray(null_values, dtype=np.float64)]
-    return out
+def _floats(values: np.ndarray) -> list[float]:
+    return [float(v) for v in np.asarray(values, dtype=np.float64)]
+
+
+def _with_null(result) -> dict[str, Any]:
+    """result.to_dict() plus its null distribution (JSON-ready), for the report's figures."""
+    return {**result.to_dict(), "null_values": _floats(result.null_values)}
 
 
 def coherence_by_mode(
@@ -46,7 +49,7 @@ def coherence_by_mode(
     out = {}
     for mode, edges in edges_by_mode.items():
         result = coherence(edges, terms, n_permutations=n_permutations, seed=seed, n_swaps_per_edge=n_swaps_per_edge)
-        out[mode] = {"n_annotated_features": len(terms), **_with_null(result, result.null_values)}
+        out[mode] = {"n_annotated_features": len(terms), **_with_null(result)}
     return out
 
 
@@ -105,8 +108,8 @@ def consensus_by_mode(
         for name, (ga, gb) in groups.items():
             result = consensus(ga, dom_a, gb, dom_b, n_permutations=n_permutations, seed=seed,
                                n_swaps_per_edge=n_swaps_per_edge)
-            record = _with_null(result, result.null_values)
-            record["relabel"]["null_values"] = [float(v) for v in result.relabel.null_values]
+            record = _with_null(result)
+            record["relabel"]["null_values"] = _floats(result.relabel.null_values)
             record["shared_pairs"] = [list(p) for p in result.shared_pairs]
             if disease_terms is not None:
                 enrichment = disease_enrichment(domain_pairs(ga, dom_a), domain_pairs(gb, dom_b), disease_terms)
@@ -146,7 +149,7 @@ def validation_records(
         out["skipped"].append("perturbation: biology.perturbation is not set in the config")
     if tf_targets:
         result = tf_target_precision(pairs, load_tf_targets(tf_targets), n_shuffles=n_shuffles, seed=seed)
-        out["tf_targets"] = _with_null(result, result.null_values)
+        out["tf_targets"] = _with_null(result)
     else:
         out["skipped"].append("tf_targets: biology.tf_targets is not set in the config")
     return out

@@ -324,7 +324,9 @@ def _read_tables(paths: list[str]):
 
 
 def _by_mode(edges) -> dict:
-    return {mode: edges[edges["mode"] == mode] for mode in ("corrected", "reference")}
+    from ctrace.edges import MODES
+
+    return {mode: edges[edges["mode"] == mode] for mode in MODES}
 
 
 def cmd_coherence(args) -> None:
@@ -345,6 +347,7 @@ def cmd_coherence(args) -> None:
 
 def cmd_consensus(args) -> None:
     from ctrace.biology import consensus_by_mode
+    from ctrace.edges import MODES
     from ctrace.genesets import load_libraries
     from ctrace.io import write_json
 
@@ -359,7 +362,7 @@ def cmd_consensus(args) -> None:
     if not args.disease_gmt:
         log.info("disease enrichment skipped: biology.disease_gene_sets is not set")
     write_json(args.out, {"model_a": args.model_a, "model_b": args.model_b, **result})
-    for mode in ("corrected", "reference"):
+    for mode in MODES:
         r = result[mode]["all"]
         log.info("%s ∩ %s %s: %d shared domain pairs, rewiring null %.2f (fold %.2f, p %.3g), relabelling null "
                  "%.2f (fold %.2f)", args.model_a, args.model_b, mode, r["observed"], r["expected"], r["fold"],

@@ -23,9 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ctrace.edges import MODES  # noqa: E402
 from ctrace.io import atomic_path  # noqa: E402
-
-MODES = ("corrected", "reference")
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,13 @@ def _axes_row(n: int, width: float = 4.2, height: float = 3.4):
     return fig, axes[0]
 
 
+def _save(fig, path: Path, title: str, caption: str) -> Figure:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Figure(path.name, title, caption)
+
+
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "n/a"
@@ -91,10 +97,7 @@ def fig_sae_quality(inputs: ReportInputs, path: Path) -> Figure:
         ax.set(title=f"{model} / {sae_set}", xlabel="layer", ylabel="held-out FVU", ylim=(0, 1.05))
         ax.set_xticks(q["layer"])
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Figure(path.name, "SAE quality",
+    return _save(fig, path, "SAE quality",
                   "Fraction of variance unexplained on held-out cells, per layer: the SAE (k active features) "
                   "against PCA with k components. A useful SAE sits well below the PCA line; dead-feature "
                   "fractions are marked when above zero.")
@@ -115,10 +118,7 @@ def fig_abs_d(inputs: ReportInputs, path: Path) -> Figure:
         ax.set(xscale="log", yscale="log", title=model, xlabel="|Cohen's d| per (source, target) test",
                ylabel="fraction of tests", xlim=(1e-2, 1e2))
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Figure(path.name, "|d| of real vs null ablations",
+    return _save(fig, path, "|d| of real vs null ablations",
                   "Distribution of |d| over every tested (source feature, target feature) pair, all conditions, "
                   "for the SAE-feature ablations and for random directions of the same per-position norm. "
                   "Edges are only meaningful where the real curve lies above the null in the tail right of the "
@@ -150,10 +150,7 @@ def fig_pct_negative(inputs: ReportInputs, path: Path) -> Figure:
         ax.axhline(50, color="grey", lw=0.8)
         ax.set(title=model, xlabel="source → target layer", ylabel="% edges with d < 0", ylim=(0, 100))
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Figure(path.name, "% d < 0 by layer pair",
+    return _save(fig, path, "% d < 0 by layer pair",
                   "Share of edges whose target drops when the source is ablated (d < 0, the reference's "
                   "\"inhibitory\"), per source → target layer pair and edge mode. The reference mode counts "
                   "zero responses as non-positive, which pushes this share up; compare the two bars.")
@@ -185,10 +182,7 @@ def fig_layer_heatmap(inputs: ReportInputs, path: Path) -> Figure:
             ax.set_yticks(range(len(layers)), layers)
             ax.set(title=f"{model}, {mode}", xlabel="target layer", ylabel="source layer")
             fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Figure(path.name, "Edges per source × target layer",
+    return _save(fig, path, "Edges per source × target layer",
                   "Number of edges (all conditions) from each source layer (rows) to each later target layer "
                   "(columns), per model and edge mode. Only cells above the diagonal exist (white: not tested): "
                   "an ablation only acts downstream.")
@@ -212,10 +206,7 @@ def fig_coherence(inputs: ReportInputs, path: Path) -> Figure:
         ax.set_xlim(-0.6, len(records) - 0.4)
         ax.set(title=f"coherence, {mode} edges", ylabel="annotated edges sharing a term", ylim=(0, 1.05))
         ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Figure(path.name, "Coherence vs the rewiring null",
+    return _save(fig, path, "Coherence vs the rewiring null",
                   "Among edges whose two features both carry a significant gene-set term, the share whose terms "
                   "overlap (red) against the same share after degree-preserving rewiring within each layer pair "
                   "(grey, mean ± sd). Only a red point clearly above the grey bar is evidence of biologically "
@@ -241,10 +232,7 @@ def fig_consensus(inputs: ReportInputs, path: Path) -> Figure | None:
                     " (both ends need a domain)", transform=ax.transAxes, ha="center", va="center", fontsize=8,
                     bbox={"facecolor": "white", "edgecolor": "0.7"})
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Figure(path.name, "Cross-model consensus vs nulls",
+    return _save(fig, path, "Cross-model consensus vs nulls",
                   "Number of (source domain → target domain) pairs found in both models (red), against the "
                   "rewiring null that keeps every domain's popularity (blue) and the reference's relabelling "
                   "null (orange). Judge the observation against the blue histogram: the relabelling null ignores "
@@ -268,10 +256,7 @@ def fig_validation(inputs: ReportInputs, path: Path) -> Figure | None:
     ax.set_xticks(x, [r[0] for r in rows], fontsize=7, rotation=45)
     ax.set(ylim=(0, 1), ylabel="fraction correct")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Figure(path.name, "Gene-level validation",
+    return _save(fig, path, "Gene-level validation",
                   "Directional accuracy of signed gene-pair predictions against knock-down log-fold-changes "
                   "(per cell line), and precision against TF→target modes, each next to what chance gives with "
                   "the same sign frequencies. Only the gap between the two bars is evidence.")

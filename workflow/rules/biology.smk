@@ -47,7 +47,7 @@ rule consensus:
 rule validate_edges:
     input:
         unpack(get_validation_files),
-        edges=get_condition_edge_tables,
+        edges=get_condition_corrected_edges,
         features=get_condition_features,
     output:
         "results/biology/{model}/{condition}.validation.json",

@@ -398,11 +398,19 @@ def get_all_edge_summaries(wildcards):
     ]
 
 
+EDGE_MODES = ("corrected", "reference")
+
+
+def edge_tables(model, condition, modes=EDGE_MODES):
+    return [f"results/edges/{model}/{condition}.{mode}.parquet" for mode in modes]
+
+
 def get_condition_edge_tables(wildcards):
-    return [
-        f"results/edges/{wildcards.model}/{wildcards.condition}.{mode}.parquet"
-        for mode in ("corrected", "reference")
-    ]
+    return edge_tables(wildcards.model, wildcards.condition)
+
+
+def get_condition_corrected_edges(wildcards):
+    return edge_tables(wildcards.model, wildcards.condition, ["corrected"])
 
 
 def annotation_tables(model, sae_set, table):
@@ -438,9 +446,9 @@ def get_consensus_inputs(wildcards):
     inputs = {}
     for side, model in (("a", wildcards.model_a), ("b", wildcards.model_b)):
         inputs[f"edges_{side}"] = [
-            f"results/edges/{model}/{condition}.{mode}.parquet"
+            table
             for condition in sae_set_conditions(wildcards.sae_set)
-            for mode in ("corrected", "reference")
+            for table in edge_tables(model, condition)
         ]
         inputs[f"significant_{side}"] = annotation_tables(
             model, wildcards.sae_set, "significant"
@@ -494,11 +502,7 @@ def get_report_inputs(wildcards):
     return {
         "summaries": [f"results/edges/{m}/{c}.summary.json" for m, c in per_condition],
         "sae_quality": "results/sae/quality.tsv",
-        "edges": [
-            f"results/edges/{m}/{c}.{mode}.parquet"
-            for m, c in per_condition
-            for mode in ("corrected", "reference")
-        ],
+        "edges": [table for m, c in per_condition for table in edge_tables(m, c)],
         "coherence": [
             f"results/biology/{m}/{c}.coherence.json" for m, c in per_condition
         ],
