@@ -204,6 +204,24 @@ def test_geneformer_block_at_matches_hf_forward(gf, padded):
         assert (at_ND - full_BTD[rows_N, pos_N]).abs().max().item() <= ATOL
 
 
+@pytest.mark.parametrize("padded", [True, False])
+def test_geneformer_block_at_under_bf16_autocast_matches_the_whole_block(gf, padded):
+    """Under bf16 autocast (the sweep's GPU option; CPU autocast runs the same code) block_at still
+    equals the whole block read at the pairs, up to bf16 rounding, and stays near the fp32 result."""
+    batch = _block_at_batch(gf, padded, n_cells=4)
+    hf = _hf_hidden_states(gf, batch)
+    rows_N, pos_N = _read_pairs(batch, 3, seed=6)
+    for layer in range(gf.n_layers):
+        h_BTD = hf.hidden_states[layer]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            at_ND = gf.block_at(h_BTD, batch, layer, rows_N, pos_N)
+            ((_, full_BTD),) = list(gf.run_blocks(h_BTD, batch, layer, layer))
+        assert at_ND.shape == (rows_N.numel(), gf.d_model)
+        assert (at_ND.float() - full_BTD[rows_N, pos_N].float()).abs().max().item() <= 0.05
+        want_ND = hf.hidden_states[layer + 1][rows_N, pos_N]
+        assert (at_ND.float() - want_ND).abs().max().item() <= 0.15
+
+
 def test_geneformer_block_at_identical_rows_give_identical_outputs(gf):
     """Two equal rows read at the same positions give bit-identical outputs (what δ = 0 relies on)."""
     cell = random_cells(gf, 1, 30, 30, seed=7)[0]

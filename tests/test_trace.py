@@ -424,3 +424,29 @@ def test_tiny_real_geneformer_batched_equals_one_at_a_time(tmp_path):
     assert zero.n_S.sum() == stats.n_S.sum()
     for name in STAT_NAMES[1:]:
         assert not getattr(zero, name).any(), name
+
+
+def test_tiny_real_geneformer_sweep_under_bf16_autocast(tmp_path):
+    """autocast_bf16 (a GPU option; CPU autocast runs the same code path): the same firing counts as
+    fp32, sums close to fp32's, and the no-op control still exactly 0."""
+    fixtures = pytest.importorskip("model_fixtures")
+    from ctrace.models import load_backend
+
+    dicts = fixtures.write_synthetic_geneformer_dictionaries(tmp_path / "dicts")
+    model_dir, dict_dir = fixtures.write_tiny_geneformer(tmp_path, dictionary_dir=dicts, n_layers=3, seed=1)
+    backend = load_backend("geneformer", model_dir, dict_dir)
+    cells = fixtures.random_cells(backend, 8, 10, 24, seed=3)
+    saes = fitted_saes(backend, cells, [0, 1, 2], n_features=48, k=6, seed=2)
+    feats = [0, 5, 9, 17, 30, 47]
+    fp32 = run_sweep(backend, saes, cells, 0, feats, [1, 2], SweepConfig(ablations_per_batch=4))
+    bf16 = run_sweep(backend, saes, cells, 0, feats, [1, 2], SweepConfig(ablations_per_batch=4, autocast_bf16=True))
+    np.testing.assert_array_equal(bf16.n_S, fp32.n_S)
+    assert bf16.sum_SLG.dtype == np.float64 and np.abs(bf16.sum_SLG).max() > 1e-3
+    scale = np.abs(fp32.sum_SLG).max()
+    assert np.abs(bf16.sum_SLG - fp32.sum_SLG).max() <= 0.1 * scale
+    assert np.corrcoef(bf16.sum_SLG.ravel(), fp32.sum_SLG.ravel())[0, 1] > 0.95
+    zero = run_sweep(
+        backend, saes, cells, 0, feats, [1, 2], SweepConfig(ablation_scale=0.0, null_draws=1, autocast_bf16=True)
+    )
+    for name in STAT_NAMES[1:]:
+        assert not getattr(zero, name).any(), name

@@ -191,8 +191,9 @@ class PostLNBlock:
         w, b = self.qkv
         row_C, chunk_N, slot_N, Q = _query_chunks(rows_N, x_BTD.shape[0])
         x_ND = x_BTD[rows_N, pos_N]
-        q_CQD = x_ND.new_zeros(row_C.numel(), Q, D)
-        q_CQD[chunk_N, slot_N] = F.linear(x_ND, w[:D], b[:D])
+        q_ND = F.linear(x_ND, w[:D], b[:D])  # bf16 under autocast: the chunks take its dtype
+        q_CQD = q_ND.new_zeros(row_C.numel(), Q, D)
+        q_CQD[chunk_N, slot_N] = q_ND
         k, v = self._heads(F.linear(x_BTD, w[D:], b[D:]).index_select(0, row_C)).unbind(0)
         mask = _key_mask(keep_BT.index_select(0, row_C))
         (q,) = self._heads(q_CQD).unbind(0)
