@@ -18,7 +18,8 @@ clean row, the last target block only at the read positions (Backend.block_at).
 On a shared CPU use --threads 1: with tiny matrices, idle-spinning OpenMP threads make timings meaningless.
 `--real-size`: a randomly initialised Geneformer V2-316M-shaped model (18 layers, d 1152, 18 heads, ffn
 4608), ~2000-gene cells, 30 source features × 200 cells at source layer 0; reports forward passes per
-second against the reference's 1.46 s per pass (the reference loop itself is not run). `--bf16` adds a
+second against the reference's 1.46 s per pass, and, on the first --reference-cells cells (default 2), the
+reference loop itself for a same-machine s/pass baseline and the statistics' agreement. `--bf16` adds a
 bf16-autocast sweep (GPU only) and compares its edges with fp32.
 FLOP/s: matmul FLOPs of the sweep's downstream blocks (counted analytically, `block_flops`) per second of
 (a) the whole sweep and (b) the synchronised time inside those blocks, as a fraction of the FLOP/s of a
@@ -337,6 +338,15 @@ class TimedBackend(Backend):
             yield item
 
 
+@torch.no_grad()
+def plant_readers(saes: dict[int, TopKSAE], L: int, feats: list[int], targets: list[int], gain: float = 3.0) -> None:
+    """In every target SAE, make feature f+1 read source feature f's decoder direction (encoder row =
+    gain · W_dec[:, f]): random models and SAEs alone give no |d| ≥ 0.5 effects, hence no edges to compare."""
+    for t in targets:
+        for f in feats:
+            saes[t].W_enc_FD[f + 1] = gain * saes[L].W_dec_DF[:, f].to(saes[t].W_enc_FD.device)
+
+
 def fired_sets(backend, saes, cells, L, feats) -> list[np.ndarray]:
     """Per cell: the indices into `feats` of the source features that fire in it (for the FLOP count)."""
     sae = saes[L]
@@ -367,22 +377,34 @@ def compare_stats(a: SweepStats, b: SweepStats) -> dict:
 
 
 def edge_agreement(a: SweepStats, b: SweepStats) -> dict:
-    """Agreement of two sweeps' corrected edges (Jaccard, sign) and of d over the common tests."""
+    """Agreement of two sweeps (fp32 a, bf16 b): edges per mode (Jaccard), d over all tests and over the
+    tests with |d_a| ≥ 0.2 (Pearson r, sign agreement), max |Δd|."""
     key = ["source_feature", "target_layer", "target_feature"]
-    ea, eb = edge_table(a, "x"), edge_table(b, "x")
-    sa = {tuple(r) for r in ea[key].values.tolist()}
-    sb = {tuple(r) for r in eb[key].values.tolist()}
+    out = {}
+    for mode in ("corrected", "reference"):
+        sa = {tuple(r) for r in edge_table(a, "x", mode)[key].values.tolist()}
+        sb = {tuple(r) for r in edge_table(b, "x", mode)[key].values.tolist()}
+        union = sa | sb
+        out[mode] = {
+            "edges_fp32": len(sa),
+            "edges_bf16": len(sb),
+            "common": len(sa & sb),
+            "jaccard": len(sa & sb) / len(union) if union else None,
+        }
     ta, tb = edge_statistics(a, "x"), edge_statistics(b, "x")
     m = ta.merge(tb, on=key, suffixes=("_a", "_b")).dropna(subset=["cohens_d_a", "cohens_d_b"])
-    union = sa | sb
-    return {
-        "edges_fp32": len(sa),
-        "edges_bf16": len(sb),
-        "common": len(sa & sb),
-        "jaccard": len(sa & sb) / len(union) if union else 1.0,
-        "d_pearson": float(np.corrcoef(m["cohens_d_a"], m["cohens_d_b"])[0, 1]) if len(m) > 1 else None,
-        "d_max_abs_diff": float((m["cohens_d_a"] - m["cohens_d_b"]).abs().max()) if len(m) else None,
-    }
+    strong = m[m["cohens_d_a"].abs() >= 0.2]
+    out["tests"] = len(m)
+    out["d_pearson"] = float(np.corrcoef(m["cohens_d_a"], m["cohens_d_b"])[0, 1]) if len(m) > 1 else None
+    out["d_max_abs_diff"] = float((m["cohens_d_a"] - m["cohens_d_b"]).abs().max()) if len(m) else None
+    out["strong_tests"] = len(strong)
+    out["strong_d_pearson"] = (
+        float(np.corrcoef(strong["cohens_d_a"], strong["cohens_d_b"])[0, 1]) if len(strong) > 1 else None
+    )
+    out["strong_sign_agreement"] = (
+        float((np.sign(strong["cohens_d_a"]) == np.sign(strong["cohens_d_b"])).mean()) if len(strong) else None
+    )
+    return out
 
 
 def run_small(args) -> dict:
@@ -484,6 +506,11 @@ def run_small(args) -> dict:
     }
 
 
+def log(line: str) -> None:
+    """A result line on stderr at once, so that a later failure or timeout cannot swallow it."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def run_real_size(args) -> dict:
     import model_fixtures as fx
 
@@ -509,6 +536,7 @@ def run_real_size(args) -> dict:
     targets = list(range(L + 1, backend.n_layers))
     saes = fitted_saes(backend, cells, [L, *targets], n_features=4 * 1152, k=32, seed=2)
     feats = list(range(0, 4 * 1152, (4 * 1152) // args.features))[: args.features]
+    plant_readers(saes, L, feats, targets)
     fired = fired_sets(backend, saes, cells, L, feats)
     cfg = SweepConfig(features_per_batch=args.features_per_batch, ablations_per_batch=args.ablations_per_batch, seed=0)
     run_sweep(backend, saes, cells[:1], L, feats[:2], targets, cfg)  # warm-up (kernels, allocator)
@@ -518,6 +546,45 @@ def run_real_size(args) -> dict:
     median_T = int(np.median([len(c.input_ids) for c in cells]))
     peak = matmul_flops_per_s((args.ablations_per_batch + 1) * median_T, 1152, 4608, device, bf16=False)
     passes_per_s = stats.forward_passes / stats.wall_time_s
+    edges = {mode: len(edge_table(stats, "x", mode)) for mode in ("corrected", "reference")}
+    log(
+        f"real size, {device}: fp32 {stats.forward_passes} passes in {stats.wall_time_s:.1f} s = {passes_per_s:.1f} "
+        f"passes/s, {passes_per_s * REFERENCE_S_PER_PASS:.0f}x the reference's 1.46 s/pass; downstream blocks at "
+        f"{flops / timed.block_s / peak:.0%} of fp32 matmul FLOP/s ({peak / 1e12:.1f} TFLOP/s); edges corrected "
+        f"{edges['corrected']}, reference mode {edges['reference']}"
+    )
+    reference = None
+    if args.reference_cells:
+        # The reference loop on the first cells only (its full run would take ~1.5 s per pass), and the
+        # sweep on the same cells, for the statistics' agreement and a same-machine s/pass baseline.
+        few = cells[: args.reference_cells]
+        ref_raw, ref_info = reference_sweep(backend, saes, few, L, feats, targets)
+        few_stats = run_sweep(backend, saes, few, L, feats, targets, cfg)
+        ref_s_per_pass = ref_info["wall_time_s"] / ref_info["passes"]
+        scale = max(float(np.abs(ref_raw["sum_SLG"]).max(initial=0.0)), 1e-30)
+        reference = {
+            "cells": len(few),
+            "passes": ref_info["passes"],
+            "wall_s": ref_info["wall_time_s"],
+            "s_per_pass": ref_s_per_pass,
+            "sweep_speedup_vs_this_reference": passes_per_s * ref_s_per_pass,
+            "n_equal": bool(np.array_equal(few_stats.n_S, ref_raw["n_S"])),
+            "max_abs_diff": {
+                name: float(np.abs(getattr(few_stats, name).astype(np.float64) - ref_raw[name]).max(initial=0.0))
+                for name in STAT_NAMES[1:]
+            },
+            "max_abs_sum": scale,
+            # TopK is discontinuous: a float near-tie at the k-th code flips a code between 0 and ~the
+            # k-th value, so a few entries differ by far more than rounding while the rest agree.
+            "entries": int(ref_raw["sum_SLG"].size),
+            "entries_sum_diff_over_1e-4": int((np.abs(few_stats.sum_SLG - ref_raw["sum_SLG"]) > 1e-4).sum()),
+        }
+        log(
+            f"reference loop here on {len(few)} cells: {ref_s_per_pass:.3f} s/pass; sweep speedup "
+            f"{reference['sweep_speedup_vs_this_reference']:.0f}x; n equal={reference['n_equal']}, max |diff| of "
+            f"sums {reference['max_abs_diff']['sum_SLG']:.2e} (max |sum| {scale:.2e}); entries with |diff| > 1e-4: "
+            f"{reference['entries_sum_diff_over_1e-4']} of {reference['entries']}"
+        )
     result = {
         "model": "Geneformer V2-316M-shaped (random init) 18L d1152 h18 ffn4608",
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
@@ -540,9 +607,10 @@ def run_real_size(args) -> dict:
             "matmul_tflops_per_s": peak / 1e12,
             "fraction_of_matmul_overall": flops / stats.wall_time_s / peak,
             "fraction_of_matmul_in_blocks": flops / timed.block_s / peak,
-            "edges_corrected": len(edge_table(stats, "x")),
+            "edges": edges,
             "summary": summarize_edges(edge_table(stats, "x"), stats),
         },
+        "reference_loop_on_first_cells": reference,
     }
     if args.bf16 and device.type != "cuda":
         result["bf16"] = "skipped: bf16 autocast is for the GPU only (on CPUs bf16 matmuls are far slower than fp32)"
@@ -562,6 +630,18 @@ def run_real_size(args) -> dict:
             "fraction_of_matmul_in_blocks": flops / timed16.block_s / peak16,
             "agreement_with_fp32": edge_agreement(stats, s16),
         }
+        ag = result["bf16"]["agreement_with_fp32"]
+        log(
+            f"bf16 autocast: {result['bf16']['passes_per_s']:.1f} passes/s "
+            f"({result['bf16']['speedup_vs_reference_1.46s_per_pass']:.0f}x the reference's 1.46 s/pass); "
+            + "; ".join(
+                f"{mode} edges fp32 {ag[mode]['edges_fp32']}, bf16 {ag[mode]['edges_bf16']}, common {ag[mode]['common']}"
+                for mode in ("corrected", "reference")
+            )
+            + f"; d over {ag['tests']} tests: Pearson r {ag['d_pearson']:.4f}, max |Δd| {ag['d_max_abs_diff']:.3f}; "
+            f"over {ag['strong_tests']} tests with |d_fp32| ≥ 0.2: r {ag['strong_d_pearson']:.4f}, same sign "
+            f"{ag['strong_sign_agreement']:.4f}"
+        )
     return result
 
 
@@ -596,6 +676,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--sae-features", type=int, default=256)
     ap.add_argument("--sae-k", type=int, default=16)
+    ap.add_argument(
+        "--reference-cells",
+        type=int,
+        default=2,
+        help="--real-size: also run the reference loop on this many cells (0: skip) for a same-machine baseline",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -620,20 +706,20 @@ def main(argv=None) -> int:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
-    if not args.real_size:
-        for r in result["per_source_layer"]:
-            print(
-                f"source layer {r['source_layer']}: sweep {r['sweep_s']:.2f} s, reference {r['reference_s']:.2f} s, "
-                f"speedup {r['speedup']:.1f}x, agree={r['agree']}, downstream blocks at "
-                f"{r['fraction_of_matmul_in_blocks']:.0%} of matmul FLOP/s "
-                f"({r['fraction_of_matmul_overall']:.0%} over the whole sweep)"
-            )
+    if args.real_size:
+        return 0
+    for r in result["per_source_layer"]:
         print(
-            f"total: sweep {result['sweep_s']:.2f} s, reference {result['reference_s']:.2f} s, "
-            f"speedup {result['speedup']:.1f}x, agree={result['agree']}"
+            f"source layer {r['source_layer']}: sweep {r['sweep_s']:.2f} s, reference {r['reference_s']:.2f} s, "
+            f"speedup {r['speedup']:.1f}x, agree={r['agree']}, downstream blocks at "
+            f"{r['fraction_of_matmul_in_blocks']:.0%} of matmul FLOP/s "
+            f"({r['fraction_of_matmul_overall']:.0%} over the whole sweep)"
         )
-        return 0 if result["agree"] else 1
-    return 0
+    print(
+        f"total: sweep {result['sweep_s']:.2f} s, reference {result['reference_s']:.2f} s, "
+        f"speedup {result['speedup']:.1f}x, agree={result['agree']}"
+    )
+    return 0 if result["agree"] else 1
 
 
 if __name__ == "__main__":
