@@ -78,149 +78,40 @@ def run_model(
     sources = results / f"sources/{model}/{sae_set}/layer{layer}.tsv"
     n_sources = len(pd.read_csv(sources, sep="\t"))
     rows, outputs = [], {}
+    # fmt: off
     for device in devices:  # warm-up (imports, CUDA context, kernels), untimed
-        timed(
-            [
-                "dump-activations",
-                *margs,
-                "--device",
-                device,
-                "--tokenized",
-                tokenized_sae[0],
-                "--layer",
-                str(layer),
-                "--positions-per-cell",
-                "16",
-                "--seed",
-                "1",
-                "--out-stem",
-                str(out / f"warm.{device}"),
-            ]
-        )
+        timed(["dump-activations", *margs, "--device", device, "--tokenized", tokenized_sae[0], "--layer",
+               str(layer), "--positions-per-cell", "16", "--seed", "1", "--out-stem", str(out / f"warm.{device}")])
     for i, device in enumerate(devices):
         d = out / f"{model}.{i}.{device}"
         d.mkdir(parents=True)
         t = {}
-        t["dump-activations"] = timed(
-            [
-                "dump-activations",
-                *margs,
-                "--device",
-                device,
-                "--dtype",
-                "float32",
-                "--batch-size",
-                "8",
-                "--tokenized",
-                tokenized_sae[0],
-                "--layer",
-                str(layer),
-                "--positions-per-cell",
-                "256",
-                "--seed",
-                "1",
-                "--out-stem",
-                str(d / "dump"),
-            ]
-        )
-        t["fit-sae"] = timed(
-            [
-                "fit-sae",
-                "--dumps",
-                *dumps,
-                "--model",
-                model,
-                "--sae-set",
-                sae_set,
-                "--layer",
-                str(layer),
-                "--expansion",
-                "4",
-                "--k",
-                "8",
-                "--lr",
-                "0.001",
-                "--batch-size",
-                "512",
-                "--heldout-fraction",
-                "0.1",
-                "--n-steps",
-                "1500",
-                "--seed",
-                "0",
-                "--device",
-                device,
-                "--out-stem",
-                str(d / "sae"),
-                "--metrics",
-                str(d / "sae.metrics.json"),
-            ]
-        )
-        t["annotate"] = timed(
-            [
-                "annotate",
-                *margs,
-                "--device",
-                device,
-                "--sae",
-                saes[0],
-                "--layer",
-                str(layer),
-                "--dumps",
-                *dumps,
-                "--tokenized",
-                *tokenized_sae,
-                "--gene-sets",
-                "hallmark",
-                "reactome",
-                "go_bp",
-                "--n-top",
-                "20",
-                "--min-support",
-                "3",
-                "--q",
-                "0.05",
-                "--out-features",
-                str(d / "features.parquet"),
-                "--out-significant",
-                str(d / "significant.parquet"),
-            ]
-        )
-        t["sweep"] = timed(
-            [
-                "sweep",
-                *margs,
-                "--device",
-                device,
-                "--dtype",
-                "float32",
-                "--tokenized",
-                str(results / f"tokenized/{model}/{condition}.trace.npz"),
-                "--saes",
-                *saes,
-                "--layer",
-                str(layer),
-                "--sources",
-                str(sources),
-                "--shard",
-                "0",
-                "--features-per-shard",
-                str(n_sources),
-                "--features-per-batch",
-                "8",
-                "--ablations-per-batch",
-                "32",
-                "--response",
-                "firing",
-                "--null-draws",
-                "2",
-                "--seed",
-                "0",
-                "--out",
-                str(d / "sweep.npz"),
-            ]
-        )
+        t["dump-activations"] = timed([
+            "dump-activations", *margs, "--device", device, "--dtype", "float32", "--batch-size", "8",
+            "--tokenized", tokenized_sae[0], "--layer", str(layer), "--positions-per-cell", "256", "--seed", "1",
+            "--out-stem", str(d / "dump"),
+        ])
+        t["fit-sae"] = timed([
+            "fit-sae", "--dumps", *dumps, "--model", model, "--sae-set", sae_set, "--layer", str(layer),
+            "--expansion", "4", "--k", "8", "--lr", "0.001", "--batch-size", "512", "--heldout-fraction", "0.1",
+            "--n-steps", "1500", "--seed", "0", "--device", device, "--out-stem", str(d / "sae"),
+            "--metrics", str(d / "sae.metrics.json"),
+        ])
+        t["annotate"] = timed([
+            "annotate", *margs, "--device", device, "--sae", saes[0], "--layer", str(layer), "--dumps", *dumps,
+            "--tokenized", *tokenized_sae, "--gene-sets", "hallmark", "reactome", "go_bp", "--n-top", "20",
+            "--min-support", "3", "--q", "0.05", "--out-features", str(d / "features.parquet"),
+            "--out-significant", str(d / "significant.parquet"),
+        ])
+        t["sweep"] = timed([
+            "sweep", *margs, "--device", device, "--dtype", "float32",
+            "--tokenized", str(results / f"tokenized/{model}/{condition}.trace.npz"), "--saes", *saes,
+            "--layer", str(layer), "--sources", str(sources), "--shard", "0", "--features-per-shard",
+            str(n_sources), "--features-per-batch", "8", "--ablations-per-batch", "32", "--response", "firing",
+            "--null-draws", "2", "--seed", "0", "--out", str(d / "sweep.npz"),
+        ])
         outputs[i] = (d, t)
+    # fmt: on
     (d0, t0), (d1, t1) = outputs[0], outputs[1]
 
     a, b = np.load(d0 / "dump.npy"), np.load(d1 / "dump.npy")
