@@ -450,3 +450,34 @@ def test_tiny_real_geneformer_sweep_under_bf16_autocast(tmp_path):
     )
     for name in STAT_NAMES[1:]:
         assert not getattr(zero, name).any(), name
+
+
+@pytest.mark.parametrize("kind", ["geneformer", "scgpt"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sweep_with_half_precision_model_weights(tmp_path, kind, dtype):
+    """A model loaded in bf16/fp16 (the config's `dtype`, GPU only in the workflow; the library runs the
+    same code on the CPU): statistics close to fp32's and the no-op control still exactly 0."""
+    fixtures = pytest.importorskip("model_fixtures")
+    from ctrace.models import load_backend
+
+    if kind == "geneformer":
+        dicts = fixtures.write_synthetic_geneformer_dictionaries(tmp_path / "dicts")
+        args = fixtures.write_tiny_geneformer(tmp_path, dictionary_dir=dicts, n_layers=3, seed=1)
+    else:
+        vocab = fixtures.synthetic_scgpt_gene_vocab()
+        args = (fixtures.write_tiny_scgpt(tmp_path, n_layers=3, seed=2, gene_vocab=vocab), None)
+    full = load_backend(kind, *args)
+    half = load_backend(kind, *args, dtype=dtype)
+    assert half.dtype == dtype
+    cells = fixtures.random_cells(full, 8, 10, 24, seed=3)
+    saes = fitted_saes(full, cells, [0, 1, 2], n_features=48, k=6, seed=2)
+    feats = [0, 5, 9, 17, 30, 47]
+    cfg = SweepConfig(ablations_per_batch=4)
+    fp32 = run_sweep(full, saes, cells, 0, feats, [1, 2], cfg)
+    low = run_sweep(half, saes, cells, 0, feats, [1, 2], cfg)
+    assert low.sum_SLG.dtype == np.float64 and np.abs(low.sum_SLG).max() > 1e-3
+    assert np.abs(low.n_S - fp32.n_S).max() <= 1  # the source codes themselves are computed in half precision
+    assert np.corrcoef(low.sum_SLG.ravel(), fp32.sum_SLG.ravel())[0, 1] > 0.95
+    zero = run_sweep(half, saes, cells, 0, feats, [1, 2], SweepConfig(ablation_scale=0.0, null_draws=1))
+    for name in STAT_NAMES[1:]:
+        assert not getattr(zero, name).any(), name
