@@ -60,9 +60,19 @@ STAT_NAMES = ("n_S", "sum_SLG", "sumsq_SLG", "pos_SLG", "neg_SLG")
 # model, cells, SAEs
 # ---------------------------------------------------------------------------------------------------
 def make_geneformer(
-    workdir: Path, n_layers: int, hidden: int, heads: int, ffn: int, max_pos: int, n_genes: int, device: str, seed: int
-) -> Backend:
-    """A randomly initialised Geneformer written in the official format and loaded as a Backend."""
+    workdir: Path,
+    n_layers: int,
+    hidden: int,
+    heads: int,
+    ffn: int,
+    max_pos: int,
+    n_genes: int,
+    device: str,
+    seed: int,
+    half: torch.dtype | None = None,
+) -> Backend | tuple[Backend, Backend]:
+    """A randomly initialised Geneformer written in the official format and loaded as a Backend (fp32);
+    with `half`, also loaded a second time in that dtype (as the config's model `dtype` loads it)."""
     import model_fixtures as fx
     from ctrace.models import build_geneformer, save_geneformer
 
@@ -78,7 +88,10 @@ def make_geneformer(
     )
     model_dir = save_geneformer(model, workdir / "model")
     del model
-    return load_backend("geneformer", model_dir, dicts, device=device)
+    backend = load_backend("geneformer", model_dir, dicts, device=device)
+    if half is None:
+        return backend
+    return backend, load_backend("geneformer", model_dir, dicts, device=device, dtype=half)
 
 
 @torch.no_grad()
@@ -377,7 +390,7 @@ def compare_stats(a: SweepStats, b: SweepStats) -> dict:
 
 
 def edge_agreement(a: SweepStats, b: SweepStats) -> dict:
-    """Agreement of two sweeps (fp32 a, bf16 b): edges per mode (Jaccard), d over all tests and over the
+    """Agreement of two sweeps (a fp32, b in half precision): edges per mode (Jaccard), d over all tests and over the
     tests with |d_a| ≥ 0.2 (Pearson r, sign agreement), max |Δd|."""
     key = ["source_feature", "target_layer", "target_feature"]
     out = {}
@@ -387,7 +400,7 @@ def edge_agreement(a: SweepStats, b: SweepStats) -> dict:
         union = sa | sb
         out[mode] = {
             "edges_fp32": len(sa),
-            "edges_bf16": len(sb),
+            "edges_half": len(sb),
             "common": len(sa & sb),
             "jaccard": len(sa & sb) / len(union) if union else None,
         }
@@ -518,8 +531,9 @@ def run_real_size(args) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (the reference's precision)
     t0 = time.perf_counter()
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.half)
     with tempfile.TemporaryDirectory() as tmp:
-        backend = make_geneformer(
+        made = make_geneformer(
             Path(tmp),
             n_layers=18,
             hidden=1152,
@@ -529,7 +543,9 @@ def run_real_size(args) -> dict:
             n_genes=20271,
             device=args.device,
             seed=0,
+            half=half,
         )
+    backend, half_backend = made if half is not None else (made, None)
     setup_s = time.perf_counter() - t0
     cells = fx.random_cells(backend, args.cells, args.min_len, args.max_len, seed=1)
     L = args.source_layer
@@ -635,12 +651,34 @@ def run_real_size(args) -> dict:
             f"bf16 autocast: {result['bf16']['passes_per_s']:.1f} passes/s "
             f"({result['bf16']['speedup_vs_reference_1.46s_per_pass']:.0f}x the reference's 1.46 s/pass); "
             + "; ".join(
-                f"{mode} edges fp32 {ag[mode]['edges_fp32']}, bf16 {ag[mode]['edges_bf16']}, common {ag[mode]['common']}"
+                f"{mode} edges fp32 {ag[mode]['edges_fp32']}, bf16 {ag[mode]['edges_half']}, common {ag[mode]['common']}"
                 for mode in ("corrected", "reference")
             )
             + f"; d over {ag['tests']} tests: Pearson r {ag['d_pearson']:.4f}, max |Δd| {ag['d_max_abs_diff']:.3f}; "
             f"over {ag['strong_tests']} tests with |d_fp32| ≥ 0.2: r {ag['strong_d_pearson']:.4f}, same sign "
             f"{ag['strong_sign_agreement']:.4f}"
+        )
+    if half_backend is not None:
+        run_sweep(half_backend, saes, cells[:1], L, feats[:2], targets, cfg)
+        low = run_sweep(half_backend, saes, cells, L, feats, targets, cfg)
+        result[args.half] = {
+            "sweep_s": low.wall_time_s,
+            "passes_per_s": low.forward_passes / low.wall_time_s,
+            "speedup_vs_reference_1.46s_per_pass": low.forward_passes / low.wall_time_s * REFERENCE_S_PER_PASS,
+            "n_equal": bool(np.array_equal(low.n_S, stats.n_S)),
+            "agreement_with_fp32": edge_agreement(stats, low),
+        }
+        ag = result[args.half]["agreement_with_fp32"]
+        log(
+            f"model weights in {args.half}: {result[args.half]['passes_per_s']:.1f} passes/s; firing counts equal "
+            f"{result[args.half]['n_equal']}; "
+            + "; ".join(
+                f"{mode} edges fp32 {ag[mode]['edges_fp32']}, {args.half} {ag[mode]['edges_half']}, "
+                f"common {ag[mode]['common']}"
+                for mode in ("corrected", "reference")
+            )
+            + f"; d: Pearson r {ag['d_pearson']:.4f}; over {ag['strong_tests']} tests with |d_fp32| ≥ 0.2: "
+            f"r {ag['strong_d_pearson']:.4f}, same sign {ag['strong_sign_agreement']:.4f}"
         )
     return result
 
@@ -651,6 +689,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--real-size", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="with --real-size: also a bf16-autocast sweep")
+    ap.add_argument(
+        "--half",
+        choices=["bfloat16", "float16"],
+        default=None,
+        help="with --real-size: also a sweep of the model loaded in this dtype (the config's model dtype)",
+    )
     ap.add_argument("--cells", type=int, default=None)
     ap.add_argument("--features", type=int, default=None)
     ap.add_argument("--source-layer", type=int, default=0)
