@@ -263,6 +263,11 @@ def test_stops_at_last_target_layer():
     assert all(rows == 1 for start, _, rows in backend.ran if start == 0)
 
 
+def _assert_exactly_zero(stats) -> None:
+    for name in STAT_NAMES[1:]:
+        assert not getattr(stats, name).any(), name
+
+
 def test_never_firing_feature_has_n_zero(toy):
     backend, cells, saes = toy
     stats = run_sweep(backend, saes, cells, 0, [7, 0], [1, 2], SweepConfig(null_draws=1))
@@ -277,8 +282,7 @@ def test_zero_norm_ablation_gives_exactly_zero(toy):
     cfg = SweepConfig(ablations_per_batch=3, null_draws=2, ablation_scale=0.0)
     stats = run_sweep(backend, saes, cells, 0, [0, 3, 5, 11], [1, 2], cfg)
     assert stats.n_S.sum() > 0 and stats.forward_passes > 0
-    for name in STAT_NAMES[1:]:
-        assert not getattr(stats, name).any(), name  # exactly zero, not merely small
+    _assert_exactly_zero(stats)  # exactly zero, not merely small
 
 
 @pytest.mark.parametrize("features_per_batch", [4, 8])
@@ -401,55 +405,63 @@ def test_select_source_features():
         select_source_features("annotated", freq, None, 3, 0)
 
 
-def test_tiny_real_geneformer_batched_equals_one_at_a_time(tmp_path):
+TINY_FEATS = [0, 5, 9, 17, 30, 47]
+
+
+def _tiny_real_model(tmp_path, kind: str = "geneformer") -> tuple:
+    """A tiny model in the official format (3 blocks): load_backend's (checkpoint, dictionaries) arguments."""
     fixtures = pytest.importorskip("model_fixtures")
+    if kind == "geneformer":
+        dicts = fixtures.write_synthetic_geneformer_dictionaries(tmp_path / "dicts")
+        return fixtures.write_tiny_geneformer(tmp_path, dictionary_dir=dicts, n_layers=3, seed=1)
+    vocab = fixtures.synthetic_scgpt_gene_vocab()
+    return fixtures.write_tiny_scgpt(tmp_path, n_layers=3, seed=2, gene_vocab=vocab), None
+
+
+def _tiny_cells_and_saes(backend) -> tuple[list, dict]:
+    """8 random cells and SAEs (48 features, k 6) at layers 0-2, fitted on the backend's activations."""
+    fixtures = pytest.importorskip("model_fixtures")
+    cells = fixtures.random_cells(backend, 8, 10, 24, seed=3)
+    return cells, fitted_saes(backend, cells, [0, 1, 2], n_features=48, k=6, seed=2)
+
+
+def test_tiny_real_geneformer_batched_equals_one_at_a_time(tmp_path):
     from ctrace.models import load_backend
 
-    dicts = fixtures.write_synthetic_geneformer_dictionaries(tmp_path / "dicts")
-    model_dir, dict_dir = fixtures.write_tiny_geneformer(tmp_path, dictionary_dir=dicts, n_layers=3, seed=1)
-    backend = load_backend("geneformer", model_dir, dict_dir)
-    cells = fixtures.random_cells(backend, 8, 10, 24, seed=3)
-    saes = fitted_saes(backend, cells, [0, 1, 2], n_features=48, k=6, seed=2)
-    feats = [0, 5, 9, 17, 30, 47]
+    backend = load_backend("geneformer", *_tiny_real_model(tmp_path))
+    cells, saes = _tiny_cells_and_saes(backend)
     cfg = SweepConfig(ablations_per_batch=4, null_draws=1, seed=5)
-    stats = run_sweep(backend, saes, cells, 0, feats, [1, 2], cfg)
-    ref = sweep_one_at_a_time(backend, saes, cells, 0, feats, [1, 2], null_draws=1, seed=5)
+    stats = run_sweep(backend, saes, cells, 0, TINY_FEATS, [1, 2], cfg)
+    ref = sweep_one_at_a_time(backend, saes, cells, 0, TINY_FEATS, [1, 2], null_draws=1, seed=5)
     assert stats.n_S.sum() >= 10 and stats.backend == "geneformer"
     for name in STAT_NAMES:
         diff = np.abs(getattr(stats, name) - ref[name]).max()
         assert diff <= 1e-5, (name, diff)
     assert np.abs(stats.sum_SLG).max() > 1e-3
     # the no-op control through the Geneformer fast path (block_at at the last block): exactly 0
-    zero = run_sweep(backend, saes, cells, 0, feats, [1, 2], SweepConfig(null_draws=1, ablation_scale=0.0))
+    zero = run_sweep(backend, saes, cells, 0, TINY_FEATS, [1, 2], SweepConfig(null_draws=1, ablation_scale=0.0))
     assert zero.n_S.sum() == stats.n_S.sum()
-    for name in STAT_NAMES[1:]:
-        assert not getattr(zero, name).any(), name
+    _assert_exactly_zero(zero)
 
 
 def test_tiny_real_geneformer_sweep_under_bf16_autocast(tmp_path):
     """autocast_bf16 (a GPU option; CPU autocast runs the same code path): the same firing counts as
     fp32, sums close to fp32's, and the no-op control still exactly 0."""
-    fixtures = pytest.importorskip("model_fixtures")
     from ctrace.models import load_backend
 
-    dicts = fixtures.write_synthetic_geneformer_dictionaries(tmp_path / "dicts")
-    model_dir, dict_dir = fixtures.write_tiny_geneformer(tmp_path, dictionary_dir=dicts, n_layers=3, seed=1)
-    backend = load_backend("geneformer", model_dir, dict_dir)
-    cells = fixtures.random_cells(backend, 8, 10, 24, seed=3)
-    saes = fitted_saes(backend, cells, [0, 1, 2], n_features=48, k=6, seed=2)
-    feats = [0, 5, 9, 17, 30, 47]
-    fp32 = run_sweep(backend, saes, cells, 0, feats, [1, 2], SweepConfig(ablations_per_batch=4))
-    bf16 = run_sweep(backend, saes, cells, 0, feats, [1, 2], SweepConfig(ablations_per_batch=4, autocast_bf16=True))
+    backend = load_backend("geneformer", *_tiny_real_model(tmp_path))
+    cells, saes = _tiny_cells_and_saes(backend)
+    fp32 = run_sweep(backend, saes, cells, 0, TINY_FEATS, [1, 2], SweepConfig(ablations_per_batch=4))
+    bf16 = run_sweep(
+        backend, saes, cells, 0, TINY_FEATS, [1, 2], SweepConfig(ablations_per_batch=4, autocast_bf16=True)
+    )
     np.testing.assert_array_equal(bf16.n_S, fp32.n_S)
     assert bf16.sum_SLG.dtype == np.float64 and np.abs(bf16.sum_SLG).max() > 1e-3
     scale = np.abs(fp32.sum_SLG).max()
     assert np.abs(bf16.sum_SLG - fp32.sum_SLG).max() <= 0.1 * scale
     assert np.corrcoef(bf16.sum_SLG.ravel(), fp32.sum_SLG.ravel())[0, 1] > 0.95
-    zero = run_sweep(
-        backend, saes, cells, 0, feats, [1, 2], SweepConfig(ablation_scale=0.0, null_draws=1, autocast_bf16=True)
-    )
-    for name in STAT_NAMES[1:]:
-        assert not getattr(zero, name).any(), name
+    zero_cfg = SweepConfig(ablation_scale=0.0, null_draws=1, autocast_bf16=True)
+    _assert_exactly_zero(run_sweep(backend, saes, cells, 0, TINY_FEATS, [1, 2], zero_cfg))
 
 
 @pytest.mark.parametrize("kind", ["geneformer", "scgpt"])
@@ -457,27 +469,17 @@ def test_tiny_real_geneformer_sweep_under_bf16_autocast(tmp_path):
 def test_sweep_with_half_precision_model_weights(tmp_path, kind, dtype):
     """A model loaded in bf16/fp16 (the config's `dtype`, GPU only in the workflow; the library runs the
     same code on the CPU): statistics close to fp32's and the no-op control still exactly 0."""
-    fixtures = pytest.importorskip("model_fixtures")
     from ctrace.models import load_backend
 
-    if kind == "geneformer":
-        dicts = fixtures.write_synthetic_geneformer_dictionaries(tmp_path / "dicts")
-        args = fixtures.write_tiny_geneformer(tmp_path, dictionary_dir=dicts, n_layers=3, seed=1)
-    else:
-        vocab = fixtures.synthetic_scgpt_gene_vocab()
-        args = (fixtures.write_tiny_scgpt(tmp_path, n_layers=3, seed=2, gene_vocab=vocab), None)
-    full = load_backend(kind, *args)
-    half = load_backend(kind, *args, dtype=dtype)
+    files = _tiny_real_model(tmp_path, kind)
+    full, half = load_backend(kind, *files), load_backend(kind, *files, dtype=dtype)
     assert half.dtype == dtype
-    cells = fixtures.random_cells(full, 8, 10, 24, seed=3)
-    saes = fitted_saes(full, cells, [0, 1, 2], n_features=48, k=6, seed=2)
-    feats = [0, 5, 9, 17, 30, 47]
+    cells, saes = _tiny_cells_and_saes(full)
     cfg = SweepConfig(ablations_per_batch=4)
-    fp32 = run_sweep(full, saes, cells, 0, feats, [1, 2], cfg)
-    low = run_sweep(half, saes, cells, 0, feats, [1, 2], cfg)
+    fp32 = run_sweep(full, saes, cells, 0, TINY_FEATS, [1, 2], cfg)
+    low = run_sweep(half, saes, cells, 0, TINY_FEATS, [1, 2], cfg)
     assert low.sum_SLG.dtype == np.float64 and np.abs(low.sum_SLG).max() > 1e-3
     assert np.abs(low.n_S - fp32.n_S).max() <= 1  # the source codes themselves are computed in half precision
     assert np.corrcoef(low.sum_SLG.ravel(), fp32.sum_SLG.ravel())[0, 1] > 0.95
-    zero = run_sweep(half, saes, cells, 0, feats, [1, 2], SweepConfig(ablation_scale=0.0, null_draws=1))
-    for name in STAT_NAMES[1:]:
-        assert not getattr(zero, name).any(), name
+    zero_cfg = SweepConfig(ablation_scale=0.0, null_draws=1)
+    _assert_exactly_zero(run_sweep(half, saes, cells, 0, TINY_FEATS, [1, 2], zero_cfg))
