@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
 from ctrace import cli  # noqa: E402
-from ctrace.edges import edge_statistics, edge_table  # noqa: E402
+from ctrace.edges import MODES, edge_statistics, edge_table  # noqa: E402
 from ctrace.trace import SweepStats  # noqa: E402
 
 CONDITIONS = ("b_cell", "cd14_monocyte", "nk_cell", "t_reg")
@@ -153,7 +153,7 @@ def run_model(
     m = t0_.merge(t1_, on=ekey, suffixes=("_0", "_1")).dropna(subset=["cohens_d_0", "cohens_d_1"])
     r = float(np.corrcoef(m["cohens_d_0"], m["cohens_d_1"])[0, 1])
     jaccards = {}
-    for mode in ("corrected", "reference"):
+    for mode in MODES:
         e0 = set(map(tuple, edge_table(s0, condition, mode)[ekey].values.tolist()))
         e1 = set(map(tuple, edge_table(s1, condition, mode)[ekey].values.tolist()))
         jaccards[mode] = (len(e0), len(e1), len(e0 & e1) / len(e0 | e1) if e0 | e1 else 1.0)

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from ctrace.edges import edge_statistics, edge_table, summarize_edges  # noqa: E402
+from ctrace.edges import MODES, edge_statistics, edge_table, summarize_edges  # noqa: E402
 from ctrace.models import load_backend  # noqa: E402
 from ctrace.models.base import Backend, Batch  # noqa: E402
 from ctrace.sae import SAEShape, TopKSAE  # noqa: E402
@@ -382,7 +382,7 @@ def compare_stats(a: SweepStats, b: SweepStats) -> dict:
         for name in STAT_NAMES
     }
     same_edges = {}
-    for mode in ("corrected", "reference"):
+    for mode in MODES:
         ea, eb = edge_table(a, "bench", mode), edge_table(b, "bench", mode)
         key = ["source_feature", "target_layer", "target_feature"]
         same_edges[mode] = (len(ea), ea[key].values.tolist() == eb[key].values.tolist())
@@ -394,7 +394,7 @@ def edge_agreement(a: SweepStats, b: SweepStats) -> dict:
     tests with |d_a| ≥ 0.2 (Pearson r, sign agreement), max |Δd|."""
     key = ["source_feature", "target_layer", "target_feature"]
     out = {}
-    for mode in ("corrected", "reference"):
+    for mode in MODES:
         sa = {tuple(r) for r in edge_table(a, "x", mode)[key].values.tolist()}
         sb = {tuple(r) for r in edge_table(b, "x", mode)[key].values.tolist()}
         union = sa | sb
@@ -418,6 +418,32 @@ def edge_agreement(a: SweepStats, b: SweepStats) -> dict:
         float((np.sign(strong["cohens_d_a"]) == np.sign(strong["cohens_d_b"])).mean()) if len(strong) else None
     )
     return out
+
+
+def low_precision_result(fp32: SweepStats, low: SweepStats) -> dict:
+    """Speed of a lower-precision sweep and its agreement with the fp32 sweep of the same cells."""
+    passes_per_s = low.forward_passes / low.wall_time_s
+    return {
+        "sweep_s": low.wall_time_s,
+        "passes_per_s": passes_per_s,
+        "speedup_vs_reference_1.46s_per_pass": passes_per_s * REFERENCE_S_PER_PASS,
+        "n_equal": bool(np.array_equal(low.n_S, fp32.n_S)),
+        "agreement_with_fp32": edge_agreement(fp32, low),
+    }
+
+
+def describe_low_precision(label: str, r: dict) -> str:
+    ag = r["agreement_with_fp32"]
+    edges = "; ".join(
+        f"{mode} edges {ag[mode]['edges_fp32']} (fp32) vs {ag[mode]['edges_half']}, common {ag[mode]['common']}"
+        for mode in MODES
+    )
+    return (
+        f"{label}: {r['passes_per_s']:.1f} passes/s ({r['speedup_vs_reference_1.46s_per_pass']:.0f}x the reference's "
+        f"1.46 s/pass); firing counts equal {r['n_equal']}; {edges}; d over {ag['tests']} tests: Pearson r "
+        f"{ag['d_pearson']:.4f}, max |Δd| {ag['d_max_abs_diff']:.3f}; over {ag['strong_tests']} tests with "
+        f"|d_fp32| ≥ 0.2: r {ag['strong_d_pearson']:.4f}, same sign {ag['strong_sign_agreement']:.4f}"
+    )
 
 
 def run_small(args) -> dict:
@@ -562,7 +588,8 @@ def run_real_size(args) -> dict:
     median_T = int(np.median([len(c.input_ids) for c in cells]))
     peak = matmul_flops_per_s((args.ablations_per_batch + 1) * median_T, 1152, 4608, device, bf16=False)
     passes_per_s = stats.forward_passes / stats.wall_time_s
-    edges = {mode: len(edge_table(stats, "x", mode)) for mode in ("corrected", "reference")}
+    tables = {mode: edge_table(stats, "x", mode) for mode in MODES}
+    edges = {mode: len(table) for mode, table in tables.items()}
     log(
         f"real size, {device}: fp32 {stats.forward_passes} passes in {stats.wall_time_s:.1f} s = {passes_per_s:.1f} "
         f"passes/s, {passes_per_s * REFERENCE_S_PER_PASS:.0f}x the reference's 1.46 s/pass; downstream blocks at "
@@ -624,7 +651,7 @@ def run_real_size(args) -> dict:
             "fraction_of_matmul_overall": flops / stats.wall_time_s / peak,
             "fraction_of_matmul_in_blocks": flops / timed.block_s / peak,
             "edges": edges,
-            "summary": summarize_edges(edge_table(stats, "x"), stats),
+            "summary": summarize_edges(tables["corrected"], stats),
         },
         "reference_loop_on_first_cells": reference,
     }
@@ -637,49 +664,17 @@ def run_real_size(args) -> dict:
         s16 = run_sweep(timed16, saes, cells, L, feats, targets, cfg16)
         peak16 = matmul_flops_per_s((args.ablations_per_batch + 1) * median_T, 1152, 4608, device, bf16=True)
         result["bf16"] = {
-            "sweep_s": s16.wall_time_s,
-            "passes_per_s": s16.forward_passes / s16.wall_time_s,
-            "speedup_vs_reference_1.46s_per_pass": s16.forward_passes / s16.wall_time_s * REFERENCE_S_PER_PASS,
+            **low_precision_result(stats, s16),
             "tflops_per_s_overall": flops / s16.wall_time_s / 1e12,
             "matmul_tflops_per_s": peak16 / 1e12,
             "fraction_of_matmul_overall": flops / s16.wall_time_s / peak16,
             "fraction_of_matmul_in_blocks": flops / timed16.block_s / peak16,
-            "agreement_with_fp32": edge_agreement(stats, s16),
         }
-        ag = result["bf16"]["agreement_with_fp32"]
-        log(
-            f"bf16 autocast: {result['bf16']['passes_per_s']:.1f} passes/s "
-            f"({result['bf16']['speedup_vs_reference_1.46s_per_pass']:.0f}x the reference's 1.46 s/pass); "
-            + "; ".join(
-                f"{mode} edges fp32 {ag[mode]['edges_fp32']}, bf16 {ag[mode]['edges_half']}, common {ag[mode]['common']}"
-                for mode in ("corrected", "reference")
-            )
-            + f"; d over {ag['tests']} tests: Pearson r {ag['d_pearson']:.4f}, max |Δd| {ag['d_max_abs_diff']:.3f}; "
-            f"over {ag['strong_tests']} tests with |d_fp32| ≥ 0.2: r {ag['strong_d_pearson']:.4f}, same sign "
-            f"{ag['strong_sign_agreement']:.4f}"
-        )
+        log(describe_low_precision("bf16 autocast", result["bf16"]))
     if half_backend is not None:
         run_sweep(half_backend, saes, cells[:1], L, feats[:2], targets, cfg)
-        low = run_sweep(half_backend, saes, cells, L, feats, targets, cfg)
-        result[args.half] = {
-            "sweep_s": low.wall_time_s,
-            "passes_per_s": low.forward_passes / low.wall_time_s,
-            "speedup_vs_reference_1.46s_per_pass": low.forward_passes / low.wall_time_s * REFERENCE_S_PER_PASS,
-            "n_equal": bool(np.array_equal(low.n_S, stats.n_S)),
-            "agreement_with_fp32": edge_agreement(stats, low),
-        }
-        ag = result[args.half]["agreement_with_fp32"]
-        log(
-            f"model weights in {args.half}: {result[args.half]['passes_per_s']:.1f} passes/s; firing counts equal "
-            f"{result[args.half]['n_equal']}; "
-            + "; ".join(
-                f"{mode} edges fp32 {ag[mode]['edges_fp32']}, {args.half} {ag[mode]['edges_half']}, "
-                f"common {ag[mode]['common']}"
-                for mode in ("corrected", "reference")
-            )
-            + f"; d: Pearson r {ag['d_pearson']:.4f}; over {ag['strong_tests']} tests with |d_fp32| ≥ 0.2: "
-            f"r {ag['strong_d_pearson']:.4f}, same sign {ag['strong_sign_agreement']:.4f}"
-        )
+        result[args.half] = low_precision_result(stats, run_sweep(half_backend, saes, cells, L, feats, targets, cfg))
+        log(describe_low_precision(f"model weights in {args.half}", result[args.half]))
     return result
 
 
