@@ -323,21 +323,21 @@ class TimedBackend(Backend):
     def embed(self, batch):
         return self.inner.embed(batch)
 
-    def block_at(self, h, batch, layer, rows_N, pos_N):
+    def block_at(self, h, batch, layer, rows_N, pos_N, changed_at=None):
         sync = torch.cuda.synchronize if torch.device(self.device).type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        out = self.inner.block_at(h, batch, layer, rows_N, pos_N)
+        out = self.inner.block_at(h, batch, layer, rows_N, pos_N, changed_at)
         sync()
         self.block_s += time.perf_counter() - t0
         return out
 
-    def run_blocks(self, h, batch, start, stop):
+    def run_blocks(self, h, batch, start, stop, changed_at=None):
         if start <= self.source_layer:
-            yield from self.inner.run_blocks(h, batch, start, stop)
+            yield from self.inner.run_blocks(h, batch, start, stop, changed_at)
             return
         sync = torch.cuda.synchronize if torch.device(self.device).type == "cuda" else (lambda: None)
-        it = self.inner.run_blocks(h, batch, start, stop)
+        it = self.inner.run_blocks(h, batch, start, stop, changed_at)
         while True:
             sync()
             t0 = time.perf_counter()

@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 
 from ctrace.errors import CtraceInputError
 from ctrace.models import GeneformerBackend, ScGPTBackend, load_backend
-from ctrace.models.scgpt import mha_fastpath
 from ctrace.vocab import load_geneformer_dictionaries, load_scgpt_vocab
 from model_fixtures import (
     have_real_geneformer_dicts,
@@ -422,9 +421,7 @@ def test_scgpt_hidden_states_match_official_forward(sc):
         whole = sc.module(batch.input_ids_BT, batch.values_BT, pad_BT)
     # the nested-tensor fast path really ran: it returns exact zeros at padding
     assert bool((official_last[pad_BT] == 0).all())
-    assert torch.backends.mha.get_fastpath_enabled()
     hidden = sc.hidden_states(batch, range(sc.n_layers))
-    assert torch.backends.mha.get_fastpath_enabled()  # restored
     for layer in range(sc.n_layers):
         assert_close_at(hidden[layer], official[layer], batch.keep_BT)
     assert_close_at(hidden[sc.n_layers - 1], official_last, batch.keep_BT)
@@ -480,7 +477,7 @@ def test_scgpt_padded_batch_equals_cells_one_by_one(sc):
 
 @pytest.mark.parametrize("padded", [True, False])
 def test_scgpt_block_at_matches_official_layers(sc, padded):
-    """The default block_at (whole block, then read) = the official layer's output at the pairs."""
+    """block_at (keys/values everywhere, the rest at the queries only) = the official layer's output at the pairs."""
     batch = _block_at_batch(sc, padded, n_cells=3)
     rows_N, pos_N = _read_pairs(batch, 3, seed=6)
     with torch.no_grad():
@@ -493,15 +490,52 @@ def test_scgpt_block_at_matches_official_layers(sc, padded):
         assert (at_ND - official[layer][rows_N, pos_N]).abs().max().item() <= ATOL
 
 
-@pytest.mark.parametrize("previous", [True, False])
-def test_scgpt_fastpath_switch_is_restored_between_blocks(sc, previous):
-    _, batch = _padded_batch(sc)
-    with mha_fastpath(previous), torch.no_grad():
-        blocks = sc.run_blocks(sc.embed(batch), batch, 0, sc.n_layers - 1)
-        next(blocks)
-        assert torch.backends.mha.get_fastpath_enabled() is previous  # not left off mid-iteration
-        blocks.close()
-    assert torch.backends.mha.get_fastpath_enabled()
+# ---- both back-ends: the `changed_at` hint (rows equal to row 0 except at listed pairs) -------------------------
+def _edited_copies(backend, seed: int):
+    """A cell in row 0 and 4 copies of it, each edited at a few positions; row 4's one edit is 0."""
+    cell = random_cells(backend, 1, 24, 24, seed=seed)[0]
+    batch = backend.collate([cell] * 5)
+    rows_N = torch.tensor([1, 1, 2, 3, 3, 3, 4])
+    pos_N = torch.tensor([3, 9, 5, 1, 2, 20, 7])
+    edit_ND = torch.randn(rows_N.numel(), backend.d_model, generator=torch.Generator().manual_seed(seed))
+    edit_ND[-1] = 0.0
+    with torch.no_grad():
+        h_BTD = backend.embed(batch).clone()
+    h_BTD[rows_N, pos_N] += edit_ND
+    return batch, h_BTD, (rows_N, pos_N)
+
+
+def _check_changed_at(backend, seed: int) -> None:
+    """With the hint, run_blocks and block_at give the dense results; row 4 (edit 0) stays bit-identical
+    to row 0; and the hint is really used: an edit at an unlisted position is not seen by q/k/v."""
+    batch, h_BTD, changed_at = _edited_copies(backend, seed)
+    read_rows = torch.tensor([0, 0, 1, 2, 3, 4, 4])
+    read_pos = torch.tensor([7, 12, 9, 5, 20, 7, 15])  # (0, 7) and (4, 7) read the same state
+    last = backend.n_layers - 1
+    with torch.no_grad():
+        for layer in range(backend.n_layers):
+            dense = dict(backend.run_blocks(h_BTD, batch, layer, last))
+            sparse = dict(backend.run_blocks(h_BTD, batch, layer, last, changed_at))
+            for index in dense:
+                assert (dense[index] - sparse[index]).abs().max().item() <= ATOL
+                assert torch.equal(sparse[index][4], sparse[index][0])
+            at = backend.block_at(h_BTD, batch, layer, read_rows, read_pos, changed_at)
+            assert (at - dense[layer][read_rows, read_pos]).abs().max().item() <= ATOL
+            assert torch.equal(at[5], at[0])
+            broken_BTD = h_BTD.clone()
+            broken_BTD[2, 11] += 10.0  # outside the promise
+            ((_, honest),) = backend.run_blocks(broken_BTD, batch, layer, layer)
+            ((_, hinted),) = backend.run_blocks(broken_BTD, batch, layer, layer, changed_at)
+            assert (honest[2] - hinted[2]).abs().max().item() > 100 * ATOL
+            assert (honest[1] - hinted[1]).abs().max().item() <= ATOL
+
+
+def test_geneformer_changed_at_hint(gf):
+    _check_changed_at(gf, seed=11)
+
+
+def test_scgpt_changed_at_hint(sc):
+    _check_changed_at(sc, seed=12)
 
 
 def test_scgpt_expr_prediction_and_gene_mask(sc):

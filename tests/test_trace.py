@@ -92,7 +92,7 @@ class ToyTransformer(Backend):
     def _mlp(self, p, x):
         return F.linear(torch.relu(F.linear(x, p["W1"], p["b1"])), p["W2"], p["b2"])
 
-    def run_blocks(self, h_BTD, batch, start, stop) -> Iterator[tuple[int, torch.Tensor]]:
+    def run_blocks(self, h_BTD, batch, start, stop, changed_at=None) -> Iterator[tuple[int, torch.Tensor]]:
         D = self.d_model
         for i in range(start, stop + 1):
             p = self.blocks[i]
@@ -247,9 +247,9 @@ def test_stops_at_last_target_layer():
     class Counting(ToyTransformer):
         ran: list
 
-        def run_blocks(self, h, batch, start, stop):
+        def run_blocks(self, h, batch, start, stop, changed_at=None):
             self.ran.append((start, stop, h.shape[0]))
-            return super().run_blocks(h, batch, start, stop)
+            return super().run_blocks(h, batch, start, stop, changed_at)
 
     backend = Counting(n_layers=4, seed=0)
     backend.ran = []
@@ -425,21 +425,26 @@ def _tiny_cells_and_saes(backend) -> tuple[list, dict]:
     return cells, fitted_saes(backend, cells, [0, 1, 2], n_features=48, k=6, seed=2)
 
 
-def test_tiny_real_geneformer_batched_equals_one_at_a_time(tmp_path):
+@pytest.mark.parametrize("kind", ["geneformer", "scgpt"])
+@pytest.mark.parametrize("source, targets", [(0, [1, 2]), (1, [2])])
+def test_tiny_real_model_batched_equals_one_at_a_time(tmp_path, kind, source, targets):
+    """The fast paths (q/k/v of block L+1 only at the edited positions; the last block only at the read
+    positions) against whole blocks run one (cell, feature) at a time; source 1 → 2 puts both in one block."""
     from ctrace.models import load_backend
 
-    backend = load_backend("geneformer", *_tiny_real_model(tmp_path))
+    backend = load_backend(kind, *_tiny_real_model(tmp_path, kind))
     cells, saes = _tiny_cells_and_saes(backend)
     cfg = SweepConfig(ablations_per_batch=4, null_draws=1, seed=5)
-    stats = run_sweep(backend, saes, cells, 0, TINY_FEATS, [1, 2], cfg)
-    ref = sweep_one_at_a_time(backend, saes, cells, 0, TINY_FEATS, [1, 2], null_draws=1, seed=5)
-    assert stats.n_S.sum() >= 10 and stats.backend == "geneformer"
+    stats = run_sweep(backend, saes, cells, source, TINY_FEATS, targets, cfg)
+    ref = sweep_one_at_a_time(backend, saes, cells, source, TINY_FEATS, targets, null_draws=1, seed=5)
+    assert stats.n_S.sum() >= 10 and stats.backend == kind
     for name in STAT_NAMES:
         diff = np.abs(getattr(stats, name) - ref[name]).max()
         assert diff <= 1e-5, (name, diff)
     assert np.abs(stats.sum_SLG).max() > 1e-3
-    # the no-op control through the Geneformer fast path (block_at at the last block): exactly 0
-    zero = run_sweep(backend, saes, cells, 0, TINY_FEATS, [1, 2], SweepConfig(null_draws=1, ablation_scale=0.0))
+    # the no-op control through the same fast paths: exactly 0
+    zero_cfg = SweepConfig(null_draws=1, ablation_scale=0.0)
+    zero = run_sweep(backend, saes, cells, source, TINY_FEATS, targets, zero_cfg)
     assert zero.n_S.sum() == stats.n_S.sum()
     _assert_exactly_zero(zero)
 

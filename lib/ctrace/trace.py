@@ -570,7 +570,8 @@ def _ablation_batch(plan: _Plan, batch1, hL_TD, gene_P, z_PS, rows_dir, rows_src
     h_BTD = torch.cat([hL_TD[None], hL_TD[None] - delta_ITD])
     # Read positions: the clean row at the union U of the items' response positions, then the N
     # (item, position) pairs; one gather (or one `block_at`) and one SAE encode per target layer.
-    resp_IP = z_IP > 0 if plan.response == "firing" else torch.ones_like(z_IP, dtype=torch.bool)
+    fires_IP = z_IP > 0
+    resp_IP = fires_IP if plan.response == "firing" else torch.ones_like(fires_IP)
     item_N, pidx_N = torch.nonzero(resp_IP, as_tuple=True)
     union_U = torch.nonzero(resp_IP.any(dim=0)).flatten()
     U = union_U.numel()
@@ -596,13 +597,22 @@ def _ablation_batch(plan: _Plan, batch1, hL_TD, gene_P, z_PS, rows_dir, rows_src
             acc_pos[:, slot].index_add_(0, rows_dir, (d_IF > 0).to(torch.int64))
             acc_neg[:, slot].index_add_(0, rows_dir, (d_IF < 0).to(torch.int64))
 
+    # The ablated rows differ from the clean row 0 only where their source feature fires: block L+1
+    # projects q/k/v there only.
+    if plan.response == "firing":
+        item_C, pidx_C = item_N, pidx_N
+    else:
+        item_C, pidx_C = torch.nonzero(fires_IP, as_tuple=True)
+    changed_at = (1 + item_C, gene_P[pidx_C])
     with torch.autocast(**plan.amp):
-        h = h_BTD
-        if stop > L + 1:
-            for layer, h in backend.run_blocks(h_BTD, batchB, L + 1, stop - 1):
+        if stop == L + 1:
+            h_MD = backend.block_at(h_BTD, batchB, stop, rows_M, pos_M, changed_at)
+        else:
+            for layer, h in backend.run_blocks(h_BTD, batchB, L + 1, stop - 1, changed_at):
                 if layer in plan.sae_slots:
                     accumulate(*plan.sae_slots[layer], h[rows_M, pos_M])
-        accumulate(*plan.sae_slots[stop], backend.block_at(h, batchB, stop, rows_M, pos_M))
+            h_MD = backend.block_at(h, batchB, stop, rows_M, pos_M)
+        accumulate(*plan.sae_slots[stop], h_MD)
 
 
 __all__ = [

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+RowPairs = tuple[torch.Tensor, torch.Tensor]  # (rows_N, pos_N): N (batch row, position) pairs
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -104,23 +106,33 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def run_blocks(
-        self, h_BTD: torch.Tensor, batch: Batch, start: int, stop: int
+        self, h_BTD: torch.Tensor, batch: Batch, start: int, stop: int, changed_at: RowPairs | None = None
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Run blocks start..stop (inclusive) on `h_BTD` (the input of block `start`).
 
         Yields (layer, h_layer_BTD) after each block. Padding is masked exactly as in the model's
         own forward; padded positions of the outputs are meaningless and must not be read.
+        changed_at = (rows_N, pos_N): a promise that every row of h_BTD equals row 0 except at those
+        (row, position) pairs; back-ends may use it to project only those in block `start` (same result
+        to float tolerance) or ignore it.
         """
 
     def block_at(
-        self, h_BTD: torch.Tensor, batch: Batch, layer: int, rows_N: torch.Tensor, pos_N: torch.Tensor
+        self,
+        h_BTD: torch.Tensor,
+        batch: Batch,
+        layer: int,
+        rows_N: torch.Tensor,
+        pos_N: torch.Tensor,
+        changed_at: RowPairs | None = None,
     ) -> torch.Tensor:
         """Output of block `layer` (input `h_BTD`) read only at the (row, position) pairs: h_layer[rows_N, pos_N].
 
         For a last block whose output is read at a few positions. This default runs the whole block;
         back-ends override it to compute keys/values everywhere and the rest at the N queries only.
+        changed_at: as in `run_blocks`.
         """
-        ((_, out_BTD),) = self.run_blocks(h_BTD, batch, layer, layer)
+        ((_, out_BTD),) = self.run_blocks(h_BTD, batch, layer, layer, changed_at)
         return out_BTD[rows_N, pos_N]
 
     # ---- derived ------------------------------------------------------------------------------
@@ -153,6 +165,12 @@ class Backend(abc.ABC):
                 raise ValueError(f"layer {layer} out of range 0..{self.n_layers - 1} for {self.name}")
 
 
+def check_block_range(start: int, stop: int, n_layers: int) -> None:
+    """Blocks start..stop (inclusive) must lie in 0..n_layers-1."""
+    if not 0 <= start <= stop < n_layers:
+        raise ValueError(f"blocks {start}..{stop} out of range 0..{n_layers - 1}")
+
+
 # ---- post-LN encoder blocks (BERT layers; torch TransformerEncoderLayer with norm_first=False) ------------
 Linear = tuple[torch.Tensor, torch.Tensor]  # (weight_OI, bias_O)
 
@@ -175,17 +193,26 @@ class PostLNBlock:
     ln2: tuple[torch.Tensor, torch.Tensor, float]
     act: Callable[[torch.Tensor], torch.Tensor]
 
-    def __call__(self, x_BTD: torch.Tensor, keep_BT: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x_BTD: torch.Tensor, keep_BT: torch.Tensor, changed_at: RowPairs | None = None) -> torch.Tensor:
+        """The block's output (B, T, D). changed_at: see `_project`."""
         B, T, D = x_BTD.shape
-        q, k, v = self._heads(F.linear(x_BTD, *self.qkv)).unbind(0)
+        q, k, v = self._heads(_project(x_BTD, *self.qkv, changed_at)).unbind(0)
         o_BHTd = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(keep_BT))
         return self._after_attention(x_BTD, o_BHTd.transpose(1, 2).reshape(B, T, D))
 
-    def at(self, x_BTD: torch.Tensor, keep_BT: torch.Tensor, rows_N: torch.Tensor, pos_N: torch.Tensor) -> torch.Tensor:
+    def at(
+        self,
+        x_BTD: torch.Tensor,
+        keep_BT: torch.Tensor,
+        rows_N: torch.Tensor,
+        pos_N: torch.Tensor,
+        changed_at: RowPairs | None = None,
+    ) -> torch.Tensor:
         """out[rows_N, pos_N] (N, D): keys and values at every position, everything else at the N queries only.
 
         The queries are laid out as chunks of ≤ Q queries of one row each (`_query_chunks`), the chunk's
         row's keys and values are repeated per chunk, and the padding slots of the chunks are dropped.
+        changed_at: see `_project`.
         """
         D, N = x_BTD.shape[2], rows_N.numel()
         w, b = self.qkv
@@ -194,7 +221,7 @@ class PostLNBlock:
         q_ND = F.linear(x_ND, w[:D], b[:D])  # bf16 under autocast: the chunks take its dtype
         q_CQD = q_ND.new_zeros(row_C.numel(), Q, D)
         q_CQD[chunk_N, slot_N] = q_ND
-        k, v = self._heads(F.linear(x_BTD, w[D:], b[D:]).index_select(0, row_C)).unbind(0)
+        k, v = self._heads(_project(x_BTD, w[D:], b[D:], changed_at).index_select(0, row_C)).unbind(0)
         mask = _key_mask(keep_BT.index_select(0, row_C))
         (q,) = self._heads(q_CQD).unbind(0)
         o_CHQd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -210,6 +237,24 @@ class PostLNBlock:
         D = x.shape[-1]
         h = F.layer_norm(F.linear(attn, *self.o) + x, (D,), *self.ln1)
         return F.layer_norm(F.linear(self.act(F.linear(h, *self.ff1)), *self.ff2) + h, (D,), *self.ln2)
+
+
+def _project(x_BTD: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, changed_at: RowPairs | None) -> torch.Tensor:
+    """F.linear(x_BTD, weight, bias), (B, T, O).
+
+    changed_at = (rows_N, pos_N) promises that every row of x equals row 0 except at those (row, position)
+    pairs (an ablation batch: the clean cell in row 0, its few edited positions in the others). Then only
+    row 0 and the N pairs are projected — in ONE matmul, so an edited position whose value equals row 0's
+    still gets bit-identical outputs — and row 0's result is copied to the other rows.
+    """
+    if changed_at is None:
+        return F.linear(x_BTD, weight, bias)
+    rows_N, pos_N = changed_at
+    B, T, _ = x_BTD.shape
+    y = F.linear(torch.cat([x_BTD[0], x_BTD[rows_N, pos_N]]), weight, bias)
+    out_BTO = y[:T].expand(B, T, y.shape[1]).clone()
+    out_BTO[rows_N, pos_N] = y[T:]
+    return out_BTO
 
 
 def _key_mask(keep_BT: torch.Tensor) -> torch.Tensor | None:

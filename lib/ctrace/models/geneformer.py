@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ctrace.errors import CtraceInputError
-from ctrace.models.base import Backend, Batch, PostLNBlock
+from ctrace.models.base import Backend, Batch, PostLNBlock, RowPairs, check_block_range
 from ctrace.vocab import GeneformerDictionaries
 
 if TYPE_CHECKING:
@@ -149,18 +149,24 @@ class GeneformerBackend(Backend):
         return self.module.bert.embeddings(input_ids=batch.input_ids_BT)
 
     def run_blocks(
-        self, h_BTD: torch.Tensor, batch: Batch, start: int, stop: int
+        self, h_BTD: torch.Tensor, batch: Batch, start: int, stop: int, changed_at: RowPairs | None = None
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        _check_block_range(start, stop, self.n_layers)
+        check_block_range(start, stop, self.n_layers)
         for index in range(start, stop + 1):
-            h_BTD = self._block(index)(h_BTD, batch.keep_BT)
+            h_BTD = self._block(index)(h_BTD, batch.keep_BT, changed_at if index == start else None)
             yield index, h_BTD
 
     def block_at(
-        self, h_BTD: torch.Tensor, batch: Batch, layer: int, rows_N: torch.Tensor, pos_N: torch.Tensor
+        self,
+        h_BTD: torch.Tensor,
+        batch: Batch,
+        layer: int,
+        rows_N: torch.Tensor,
+        pos_N: torch.Tensor,
+        changed_at: RowPairs | None = None,
     ) -> torch.Tensor:
-        _check_block_range(layer, layer, self.n_layers)
-        return self._block(layer).at(h_BTD, batch.keep_BT, rows_N, pos_N)
+        check_block_range(layer, layer, self.n_layers)
+        return self._block(layer).at(h_BTD, batch.keep_BT, rows_N, pos_N, changed_at)
 
     def _block(self, index: int) -> PostLNBlock:
         """BertLayer `index` as a `PostLNBlock` on the HF layer's own parameters (dropout is off in eval).
@@ -259,11 +265,6 @@ def save_geneformer(model: BertForMaskedLM, directory: str | os.PathLike) -> Pat
         for name in names:
             os.replace(Path(scratch) / name, directory / name)
     return directory
-
-
-def _check_block_range(start: int, stop: int, n_layers: int) -> None:
-    if not 0 <= start <= stop < n_layers:
-        raise ValueError(f"blocks {start}..{stop} out of range 0..{n_layers - 1}")
 
 
 def _listing(label: str, items: list[str], limit: int = 20) -> str:

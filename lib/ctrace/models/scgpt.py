@@ -7,7 +7,6 @@ rename (§2.6). Re-implementing the small forward avoids importing `scgpt` (whic
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -20,7 +19,7 @@ from torch import nn
 
 from ctrace.errors import CtraceInputError
 from ctrace.io import atomic_path, write_json
-from ctrace.models.base import Backend, Batch
+from ctrace.models.base import Backend, Batch, PostLNBlock, RowPairs, check_block_range
 from ctrace.vocab import SCGPT_SPECIALS, load_scgpt_vocab, write_scgpt_vocab
 
 VALUE_CLAMP = 512.0  # ContinuousValueEncoder clamps values above this (upstream max_value)
@@ -305,17 +304,6 @@ def save_scgpt(model: ScGPTModel, args: Mapping[str, Any], vocab: Mapping[str, i
 
 
 # ---- backend ---------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def mha_fastpath(enabled: bool) -> Iterator[None]:
-    """Set torch's MHA/TransformerEncoderLayer fast-path switch, restoring the previous value."""
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(enabled)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
-
-
 class ScGPTBackend(Backend):
     """An scGPT checkpoint folder (`args.json`, `best_model.pt`, `vocab.json`) run block by block."""
 
@@ -378,19 +366,40 @@ class ScGPTBackend(Backend):
         return self.module.embed(batch.input_ids_BT, batch.values_BT.to(self.dtype))
 
     def run_blocks(
-        self, h_BTD: torch.Tensor, batch: Batch, start: int, stop: int
+        self, h_BTD: torch.Tensor, batch: Batch, start: int, stop: int, changed_at: RowPairs | None = None
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        if not 0 <= start <= stop < self.n_layers:
-            raise ValueError(f"blocks {start}..{stop} out of range 0..{self.n_layers - 1}")
-        pad_BT = ~batch.keep_BT
-        layers = self.module.transformer_encoder.layers
+        check_block_range(start, stop, self.n_layers)
         for index in range(start, stop + 1):
-            # The fused fast path would be taken or not depending on grad mode and hooks; disabling
-            # it makes clean and resumed/ablated runs take one code path. Set per call (not around
-            # the generator) so the global switch is never left off while the caller runs.
-            with mha_fastpath(False):
-                h_BTD = layers[index](h_BTD, src_key_padding_mask=pad_BT)
+            h_BTD = self._block(index)(h_BTD, batch.keep_BT, changed_at if index == start else None)
             yield index, h_BTD
+
+    def block_at(
+        self,
+        h_BTD: torch.Tensor,
+        batch: Batch,
+        layer: int,
+        rows_N: torch.Tensor,
+        pos_N: torch.Tensor,
+        changed_at: RowPairs | None = None,
+    ) -> torch.Tensor:
+        check_block_range(layer, layer, self.n_layers)
+        return self._block(layer).at(h_BTD, batch.keep_BT, rows_N, pos_N, changed_at)
+
+    def _block(self, index: int) -> PostLNBlock:
+        """Encoder layer `index` (torch TransformerEncoderLayer: post-LN, ReLU, dropout off in eval) as a
+        `PostLNBlock` on the layer's own parameters; its in-projection is already fused, so nothing is copied."""
+        layer = self.module.transformer_encoder.layers[index]
+        attn = layer.self_attn
+        return PostLNBlock(
+            n_heads=attn.num_heads,
+            qkv=(attn.in_proj_weight, attn.in_proj_bias),
+            o=(attn.out_proj.weight, attn.out_proj.bias),
+            ff1=(layer.linear1.weight, layer.linear1.bias),
+            ff2=(layer.linear2.weight, layer.linear2.bias),
+            ln1=(layer.norm1.weight, layer.norm1.bias, layer.norm1.eps),
+            ln2=(layer.norm2.weight, layer.norm2.bias, layer.norm2.eps),
+            act=torch.relu_,  # in place on the fresh W₁·h + b₁ (ScGPTModel builds ReLU layers)
+        )
 
     def expr_prediction(self, h_last_BTD: torch.Tensor) -> torch.Tensor:
         """Expression decoder output pred_BT (upstream ExprDecoder "pred") on the last hidden state."""
