@@ -15,6 +15,8 @@ How the work is laid out (the levers of §10):
 - blocks 0..L are never re-run; blocks L+1..stop−1 run in full and the last target block only at the
   positions that are read (`Backend.block_at`: keys/values everywhere, the rest at those queries);
   nothing after the last target layer is run;
+- the ablated rows differ from the clean row only where their feature fires, so block L+1 projects
+  q/k/v on the clean row and at those positions only (`changed_at` of `Backend.run_blocks`/`block_at`);
 - ablated states are SAE-encoded only at the positions where the response is read; the in-batch clean
   copy only at the union of those positions (one encode for both, so identical states give identical codes);
 - (cell, feature) pairs where the feature never fires are skipped (they contribute n = 0).
@@ -438,7 +440,8 @@ def run_sweep(
     δ_g = mean_{t ∈ response positions} (a_ℓ,g(t) − c_ℓ,g(t)),  h'_L(t) = h_L(t) − s·z_f(t)·W_dec[:, f].
     Forward passes: per cell and per group of `cfg.features_per_batch` consecutive source features (see
     `SweepConfig`), passes of ≤ `cfg.ablations_per_batch` ablated rows plus one clean row; blocks L+1..
-    max(target) − 1 in full, the last block only at the response positions (`Backend.block_at`).
+    max(target) − 1 in full (block L+1's q/k/v only at the edited positions), the last block only at the
+    response positions (`Backend.block_at`).
     """
     t_start = time.perf_counter()
     L = int(source_layer)
@@ -556,7 +559,8 @@ def _ablation_batch(plan: _Plan, batch1, hL_TD, gene_P, z_PS, rows_dir, rows_src
     """One pass of one cell: row 0 = the clean cell, rows 1..I = its ablations; δ added to plan.acc.
 
     rows_dir: direction row of each ablation; rows_src: its source-feature column of z_PS (gene positions × S).
-    Blocks L+1..stop−1 run in full; block `stop` only at the read positions (`Backend.block_at`).
+    Blocks L+1..stop−1 run in full; block `stop` only at the read positions (`Backend.block_at`); block L+1
+    projects q/k/v only where the rows differ from the clean row 0 (`changed_at`).
     """
     acc_sum, acc_sq, acc_pos, acc_neg = plan.acc
     device = hL_TD.device

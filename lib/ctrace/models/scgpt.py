@@ -305,7 +305,10 @@ def save_scgpt(model: ScGPTModel, args: Mapping[str, Any], vocab: Mapping[str, i
 
 # ---- backend ---------------------------------------------------------------------------------------
 class ScGPTBackend(Backend):
-    """An scGPT checkpoint folder (`args.json`, `best_model.pt`, `vocab.json`) run block by block."""
+    """An scGPT checkpoint folder (`args.json`, `best_model.pt`, `vocab.json`) run block by block.
+
+    The blocks run as `PostLNBlock`s on the torch encoder layers' own parameters; `module` itself (the
+    torch layers' forward) is the reference they are tested against."""
 
     name = "scgpt"
 
