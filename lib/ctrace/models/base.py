@@ -239,7 +239,9 @@ class PostLNBlock:
         return F.layer_norm(F.linear(self.act(F.linear(h, *self.ff1)), *self.ff2) + h, (D,), *self.ln2)
 
 
-def _project(x_BTD: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, changed_at: RowPairs | None) -> torch.Tensor:
+def _project(
+    x_BTD: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, changed_at: RowPairs | None
+) -> torch.Tensor:
     """F.linear(x_BTD, weight, bias), (B, T, O).
 
     changed_at = (rows_N, pos_N) promises that every row of x equals row 0 except at those (row, position)
