@@ -145,7 +145,8 @@ def main(argv=None) -> int:
             ok &= agree
             on, off = float(np.median(times["on"])), float(np.median(times["off"]))
             print(
-                f"{name} source layer {L} (targets {targets[0]}..{targets[-1]}): shortcuts on {on:.3f} s, off {off:.3f} s, "
+                f"{name} source layer {L} (targets {targets[0]}..{targets[-1]}): "
+                f"shortcuts on {on:.3f} s, off {off:.3f} s, "
                 f"speedup {off / on:.2f}x; {results['on'].forward_passes} ablated passes; max |diff| {diff:.1e}, "
                 f"agree={agree}",
                 flush=True,
