@@ -239,6 +239,35 @@ class PostLNBlock:
         return F.layer_norm(F.linear(self.act(F.linear(h, *self.ff1)), *self.ff2) + h, (D,), *self.ln2)
 
 
+class PostLNBackend(Backend):
+    """A back-end whose blocks are `PostLNBlock`s: subclasses provide `_block(index)`; the blocks run with
+    both sweep shortcuts (`changed_at` in the first block, `block_at` at the read queries only)."""
+
+    @abc.abstractmethod
+    def _block(self, index: int) -> PostLNBlock:
+        """Block `index` as a `PostLNBlock` on the model's own parameters."""
+
+    def run_blocks(
+        self, h_BTD: torch.Tensor, batch: Batch, start: int, stop: int, changed_at: RowPairs | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        check_block_range(start, stop, self.n_layers)
+        for index in range(start, stop + 1):
+            h_BTD = self._block(index)(h_BTD, batch.keep_BT, changed_at if index == start else None)
+            yield index, h_BTD
+
+    def block_at(
+        self,
+        h_BTD: torch.Tensor,
+        batch: Batch,
+        layer: int,
+        rows_N: torch.Tensor,
+        pos_N: torch.Tensor,
+        changed_at: RowPairs | None = None,
+    ) -> torch.Tensor:
+        check_block_range(layer, layer, self.n_layers)
+        return self._block(layer).at(h_BTD, batch.keep_BT, rows_N, pos_N, changed_at)
+
+
 def _project(
     x_BTD: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, changed_at: RowPairs | None
 ) -> torch.Tensor:

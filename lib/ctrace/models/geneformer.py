@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ctrace.errors import CtraceInputError
-from ctrace.models.base import Backend, Batch, PostLNBlock, RowPairs, check_block_range
+from ctrace.models.base import Batch, PostLNBackend, PostLNBlock
 from ctrace.vocab import GeneformerDictionaries
 
 if TYPE_CHECKING:
@@ -53,7 +52,7 @@ def read_geneformer_config(model_dir: str | os.PathLike) -> dict:
     return config
 
 
-class GeneformerBackend(Backend):
+class GeneformerBackend(PostLNBackend):
     """A Geneformer checkpoint run block by block.
 
     The blocks run as `PostLNBlock`s on the HF layers' own parameters (scaled_dot_product_attention,
@@ -147,26 +146,6 @@ class GeneformerBackend(Backend):
                 "config.json; truncate cells to the model input size when tokenizing"
             )
         return self.module.bert.embeddings(input_ids=batch.input_ids_BT)
-
-    def run_blocks(
-        self, h_BTD: torch.Tensor, batch: Batch, start: int, stop: int, changed_at: RowPairs | None = None
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        check_block_range(start, stop, self.n_layers)
-        for index in range(start, stop + 1):
-            h_BTD = self._block(index)(h_BTD, batch.keep_BT, changed_at if index == start else None)
-            yield index, h_BTD
-
-    def block_at(
-        self,
-        h_BTD: torch.Tensor,
-        batch: Batch,
-        layer: int,
-        rows_N: torch.Tensor,
-        pos_N: torch.Tensor,
-        changed_at: RowPairs | None = None,
-    ) -> torch.Tensor:
-        check_block_range(layer, layer, self.n_layers)
-        return self._block(layer).at(h_BTD, batch.keep_BT, rows_N, pos_N, changed_at)
 
     def _block(self, index: int) -> PostLNBlock:
         """BertLayer `index` as a `PostLNBlock` on the HF layer's own parameters (dropout is off in eval).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from torch import nn
 
 from ctrace.errors import CtraceInputError
 from ctrace.io import atomic_path, write_json
-from ctrace.models.base import Backend, Batch, PostLNBlock, RowPairs, check_block_range
+from ctrace.models.base import Batch, PostLNBackend, PostLNBlock
 from ctrace.vocab import SCGPT_SPECIALS, load_scgpt_vocab, write_scgpt_vocab
 
 VALUE_CLAMP = 512.0  # ContinuousValueEncoder clamps values above this (upstream max_value)
@@ -304,7 +304,7 @@ def save_scgpt(model: ScGPTModel, args: Mapping[str, Any], vocab: Mapping[str, i
 
 
 # ---- backend ---------------------------------------------------------------------------------------
-class ScGPTBackend(Backend):
+class ScGPTBackend(PostLNBackend):
     """An scGPT checkpoint folder (`args.json`, `best_model.pt`, `vocab.json`) run block by block.
 
     The blocks run as `PostLNBlock`s on the torch encoder layers' own parameters; `module` itself (the
@@ -367,26 +367,6 @@ class ScGPTBackend(Backend):
         if batch.values_BT is None:
             raise ValueError("scGPT needs per-token values (batch.values_BT is None)")
         return self.module.embed(batch.input_ids_BT, batch.values_BT.to(self.dtype))
-
-    def run_blocks(
-        self, h_BTD: torch.Tensor, batch: Batch, start: int, stop: int, changed_at: RowPairs | None = None
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        check_block_range(start, stop, self.n_layers)
-        for index in range(start, stop + 1):
-            h_BTD = self._block(index)(h_BTD, batch.keep_BT, changed_at if index == start else None)
-            yield index, h_BTD
-
-    def block_at(
-        self,
-        h_BTD: torch.Tensor,
-        batch: Batch,
-        layer: int,
-        rows_N: torch.Tensor,
-        pos_N: torch.Tensor,
-        changed_at: RowPairs | None = None,
-    ) -> torch.Tensor:
-        check_block_range(layer, layer, self.n_layers)
-        return self._block(layer).at(h_BTD, batch.keep_BT, rows_N, pos_N, changed_at)
 
     def _block(self, index: int) -> PostLNBlock:
         """Encoder layer `index` (torch TransformerEncoderLayer: post-LN, ReLU, dropout off in eval) as a
