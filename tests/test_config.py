@@ -20,6 +20,7 @@ def test_default_config_is_valid_and_defaults_are_filled(raw_config):
     config = validate_config(raw_config)
     block = config["conditions"]["b_cell"]
     assert block["counts"] == "X" and block["gene_column"] == "index" and block["sae_cells"] is None
+    assert block["sae_includes_traced"] is False  # traced cells are not SAE training cells by default
     assert config["models"]["scgpt"]["max_seq_len"] == 1200
     assert config["activations"]["layers"] == "all"
 

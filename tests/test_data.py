@@ -81,3 +81,19 @@ def test_split_is_disjoint_seeded_and_sized():
     assert len(split_cells(names, 10, 5, seed=3)[1]) == 5
     with pytest.raises(CtraceInputError, match="trace_cells = 60 but only 50"):
         split_cells(names, 60, None, seed=0)
+    with pytest.raises(CtraceInputError, match="sae_cells = 41 but only 40 cells are left after 10 traced"):
+        split_cells(names, 10, 41, seed=3)
+
+
+def test_split_with_sae_including_the_traced_cells():
+    names = np.array([f"c{i}" for i in range(50)])
+    disjoint_trace, _ = split_cells(names, 10, None, seed=3)
+    trace, sae = split_cells(names, 10, None, seed=3, sae_includes_traced=True)
+    assert list(trace) == list(disjoint_trace)  # the option never changes which cells are traced
+    assert sorted(sae) == sorted(names)
+    trace, sae = split_cells(names, 10, 25, seed=3, sae_includes_traced=True)
+    assert len(sae) == 25 and set(trace) <= set(sae)
+    assert len(split_cells(names, 10, 4, seed=3, sae_includes_traced=True)[1]) == 4
+    split_cells(names, 10, 50, seed=3, sae_includes_traced=True)
+    with pytest.raises(CtraceInputError, match="sae_cells = 51 but only 50 cells pass the filter"):
+        split_cells(names, 10, 51, seed=3, sae_includes_traced=True)

@@ -79,6 +79,7 @@ def cmd_demo_model(args) -> None:
 
 def cmd_select_cells(args) -> None:
     import anndata as ad
+    import numpy as np
     import pandas as pd
 
     from ctrace.data import select_obs, split_cells
@@ -95,13 +96,17 @@ def cmd_select_cells(args) -> None:
         names = names if mask is None else names[mask]
     finally:
         adata.file.close()
-    trace, sae = split_cells(names, args.trace_cells, args.sae_cells, args.seed, where=args.condition)
+    trace, sae = split_cells(
+        names, args.trace_cells, args.sae_cells, args.seed, where=args.condition,
+        sae_includes_traced=args.sae_includes_traced,
+    )
+    # one row per (cell, split): with --sae-includes-traced a traced cell is listed under both splits
     table = pd.concat(
         [pd.DataFrame({"obs_name": trace, "split": "trace"}), pd.DataFrame({"obs_name": sae, "split": "sae"})]
     )
     write_tsv(args.out, table)
-    log.info("%s: %d cells pass the filter; %d traced, %d for SAE training", args.condition, len(names),
-             len(trace), len(sae))
+    log.info("%s: %d cells pass the filter; %d traced, %d for SAE training (%d of them traced)", args.condition,
+             len(names), len(trace), len(sae), len(np.intersect1d(trace, sae)))
 
 
 def cmd_tokenize(args) -> None:
@@ -115,7 +120,7 @@ def cmd_tokenize(args) -> None:
     cells = pd.read_csv(args.cells, sep="\t", dtype=str)
     data = load_condition(
         args.h5ad, counts=args.counts, gene_column=args.gene_column,
-        n_counts_column=args.n_counts_column, cells=cells["obs_name"].to_numpy(), where=args.condition,
+        n_counts_column=args.n_counts_column, cells=cells["obs_name"].unique(), where=args.condition,
     )
     if args.kind == "geneformer":
         from ctrace.vocab import load_geneformer_dictionaries
@@ -137,10 +142,9 @@ def cmd_tokenize(args) -> None:
             max_seq_len=args.max_seq_len, n_bins=model_args.n_bins or 51, pad_value=model_args.pad_value,
             seed=args.seed,
         )
-    split = dict(zip(cells["obs_name"], cells["split"]))
     summary = {"condition": args.condition, "model_kind": args.kind, **report.to_dict(), "splits": {}}
     for name, out in (("trace", args.out_trace), ("sae", args.out_sae)):
-        rows = np.flatnonzero([split[o] == name for o in tokenized.obs_names])
+        rows = np.flatnonzero(np.isin(tokenized.obs_names, cells.loc[cells["split"] == name, "obs_name"]))
         part = tokenized.subset(rows)
         part.save(out)
         summary["splits"][name] = int(len(part))
@@ -441,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--obs-filter")
     p.add_argument("--trace-cells", type=int, required=True)
     p.add_argument("--sae-cells", type=int)
+    p.add_argument(
+        "--sae-includes-traced", action="store_true",
+        help="draw the SAE cells from all cells, traced ones first (default: from the cells not traced)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_select_cells)

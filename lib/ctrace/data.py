@@ -182,18 +182,27 @@ def _gene_ids(var: pd.DataFrame, gene_column: str, path: Path, where: str) -> np
 
 
 def split_cells(
-    obs_names: np.ndarray, n_trace: int, n_sae: int | None, seed: int, where: str = "condition"
+    obs_names: np.ndarray,
+    n_trace: int,
+    n_sae: int | None,
+    seed: int,
+    where: str = "condition",
+    sae_includes_traced: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded disjoint (trace, sae) cell sets; n_sae None = all cells not traced."""
+    """Seeded (trace, sae) cell sets from one seeded permutation of the cells.
+
+    Default: disjoint; trace = its first n_trace cells, sae = the next n_sae (None = all the rest).
+    sae_includes_traced: sae = its first n_sae cells (None = all cells): the traced cells come first, so
+    they are SAE training cells too (when n_sae ≥ n_trace) and the SAE codes of traced cells are in-sample.
+    """
     n = len(obs_names)
     if n_trace > n:
         raise CtraceInputError(f"{where}.trace_cells = {n_trace} but only {n} cells pass the filter")
     order = np.random.default_rng(seed).permutation(n)
     trace = order[:n_trace]
-    rest = order[n_trace:]
-    sae = rest if n_sae is None else rest[:n_sae]
-    if n_sae is not None and n_sae > len(rest):
-        raise CtraceInputError(
-            f"{where}.sae_cells = {n_sae} but only {len(rest)} cells are left after {n_trace} traced cells"
-        )
+    pool = order if sae_includes_traced else order[n_trace:]
+    if n_sae is not None and n_sae > len(pool):
+        left = f"{len(pool)} cells " + ("pass the filter" if sae_includes_traced else f"are left after {n_trace} traced cells")
+        raise CtraceInputError(f"{where}.sae_cells = {n_sae} but only {left}")
+    sae = pool if n_sae is None else pool[:n_sae]
     return obs_names[np.sort(trace)], obs_names[np.sort(sae)]

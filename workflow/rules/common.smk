@@ -200,6 +200,8 @@ def get_cell_counts_args(wildcards):
     args = f"--trace-cells {block['trace_cells']}"
     if block["sae_cells"] is not None:
         args += f" --sae-cells {block['sae_cells']}"
+    if block["sae_includes_traced"]:
+        args += " --sae-includes-traced"
     return args
 
 
