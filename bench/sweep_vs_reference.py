@@ -135,8 +135,9 @@ def replace_block_output(layer_module: torch.nn.Module, h_1TD: torch.Tensor) -> 
 @torch.no_grad()
 def full_pass(backend: Backend, batch: Batch, L: int | None = None, h_1TD: torch.Tensor | None = None):
     """Hidden states h_0..h_{N-1} of one whole-model pass from the input, optionally replaced at block L."""
-    module = getattr(backend, "module", None)
-    if module is not None:  # Geneformer: the HF model itself, MLM head included, as the reference ran it
+    reference_model = getattr(backend, "reference_model", None)
+    if reference_model is not None:  # Geneformer: the HF model, MLM head included, as the reference ran it
+        module = reference_model()
         ctx = (
             replace_block_output(module.bert.encoder.layer[L], h_1TD) if h_1TD is not None else contextlib.nullcontext()
         )

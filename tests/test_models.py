@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,7 @@ from model_fixtures import (
 
 ATOL = 1e-5
 N_LAYERS = 3
+ROOT = Path(__file__).resolve().parents[1]
 
 # The official encoder's nested-tensor fast path announces itself as a prototype API; expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
@@ -84,6 +88,12 @@ def sc_dir(tmp_path_factory) -> Path:
     return write_tiny_scgpt(tmp_path_factory.mktemp("sc_default"), n_layers=2)
 
 
+def _env_with_paths() -> dict[str, str]:
+    """The environment for a child Python that imports ctrace and the test fixtures."""
+    paths = [str(ROOT / "lib"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
 def _padded_batch(backend, seed: int = 0):
     cells = random_cells(backend, 5, 4, 40, seed)
     batch = backend.collate(cells)
@@ -123,7 +133,7 @@ def test_geneformer_checkpoint_has_official_key_pattern(gf_files):
 # ---- Geneformer: parity -------------------------------------------------------------------------------
 def _hf_hidden_states(backend: GeneformerBackend, batch):
     with torch.no_grad():
-        out = backend.module(
+        out = backend.reference_model()(
             input_ids=batch.input_ids_BT, attention_mask=batch.keep_BT.long(), output_hidden_states=True
         )
     assert len(out.hidden_states) == backend.n_layers + 1
@@ -233,18 +243,80 @@ def test_geneformer_block_at_identical_rows_give_identical_outputs(gf):
     assert torch.equal(out[20], out[2]) and torch.equal(out[21], out[6]) and torch.equal(out[22], out[6])
 
 
-def test_geneformer_block_cache_follows_weight_changes(gf_files):
+def test_geneformer_backend_never_imports_transformers(gf_files):
+    """Loading and running the backend needs no `transformers` (its import costs ~5 s in every job)."""
+    model_dir, dict_dir = gf_files
+    code = (
+        "import sys; from ctrace.models import load_backend; from model_fixtures import random_cells; "
+        f"b = load_backend('geneformer', {str(model_dir)!r}, {str(dict_dir)!r}); "
+        "batch = b.collate(random_cells(b, 2, 5, 9, 0)); h = b.hidden_states(batch, [b.n_layers - 1]); "
+        "b.mlm_logits(h[b.n_layers - 1]); print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env_with_paths())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_geneformer_reference_model_is_independent_of_the_backend(gf_files):
     backend = load_backend("geneformer", *gf_files)
     _, batch = _padded_batch(backend, seed=8)
     with torch.no_grad():
-        h = backend.embed(batch)
-        before = next(backend.run_blocks(h, batch, 0, 0))[1]
-        backend.module.bert.encoder.layer[0].attention.self.key.weight.mul_(0.5)  # in place: version bump
-        after = next(backend.run_blocks(h, batch, 0, 0))[1]
-        hf = backend.module(input_ids=batch.input_ids_BT, attention_mask=batch.keep_BT.long(),
-                            output_hidden_states=True).hidden_states[1]
-    assert not torch.allclose(before, after)
-    assert_close_at(after, hf, batch.keep_BT)
+        before = backend.hidden_states(batch, [0])[0]
+        backend.reference_model().bert.encoder.layer[0].attention.self.key.weight.mul_(0.5)
+        after = backend.hidden_states(batch, [0])[0]
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("layout", ["pytorch_model.bin", "sharded safetensors"])
+def test_geneformer_other_weight_files_load_identically(gf_files, tmp_path, layout):
+    """pytorch_model.bin and a sharded model.safetensors.index.json (what from_pretrained also reads)."""
+    model_dir, dict_dir = gf_files
+    tensors = load_file(model_dir / "model.safetensors")
+    target = tmp_path / "model"
+    target.mkdir()
+    shutil.copy(model_dir / "config.json", target)
+    if layout == "pytorch_model.bin":
+        torch.save(tensors, target / "pytorch_model.bin")
+    else:
+        keys = sorted(tensors)
+        halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+        for name, part in halves.items():
+            save_file({k: tensors[k] for k in part}, target / name, metadata={"format": "pt"})
+        weight_map = {k: name for name, part in halves.items() for k in part}
+        (target / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    original, variant = load_backend("geneformer", model_dir, dict_dir), load_backend("geneformer", target, dict_dir)
+    _, batch = _padded_batch(original, seed=9)
+    with torch.no_grad():
+        a = original.hidden_states(batch, [original.n_layers - 1])[original.n_layers - 1]
+        b = variant.hidden_states(batch, [variant.n_layers - 1])[variant.n_layers - 1]
+    assert torch.equal(a, b)
+
+
+def test_geneformer_unreadable_weights_are_refused(gf_files, tmp_path):
+    model_dir, dict_dir = gf_files
+    target = tmp_path / "model"
+    shutil.copytree(model_dir, target)
+    data = (target / "model.safetensors").read_bytes()
+    (target / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(CtraceInputError, match=r"model\.safetensors: cannot be read as safetensors"):
+        load_backend("geneformer", target, dict_dir)
+    (target / "model.safetensors").unlink()
+    (target / "pytorch_model.bin").write_bytes(b"not a torch file")
+    with pytest.raises(CtraceInputError, match=r"pytorch_model\.bin: cannot be read as a weights-only torch file"):
+        load_backend("geneformer", target, dict_dir)
+    (target / "pytorch_model.bin").unlink()
+    with pytest.raises(CtraceInputError, match="no weights file"):
+        load_backend("geneformer", target, dict_dir)
+
+
+def test_geneformer_unsupported_activation_is_refused(gf_files, tmp_path):
+    model_dir, dict_dir = gf_files
+    target = tmp_path / "model"
+    shutil.copytree(model_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "hidden_act": "swish"}))
+    with pytest.raises(CtraceInputError, match=r"config\.json: hidden_act 'swish' is not supported"):
+        load_backend("geneformer", target, dict_dir)
 
 
 def test_geneformer_gene_mask_and_mlm_logits(gf):
@@ -255,7 +327,7 @@ def test_geneformer_gene_mask_and_mlm_logits(gf):
         assert batch.gene_BT[row].tolist() == [False] + [True] * (t - 2) + [False] * (batch.keep_BT.shape[1] - t + 1)
     hf = _hf_hidden_states(gf, batch)
     with torch.no_grad():
-        hf_logits = gf.module(input_ids=batch.input_ids_BT, attention_mask=batch.keep_BT.long()).logits
+        hf_logits = gf.reference_model()(input_ids=batch.input_ids_BT, attention_mask=batch.keep_BT.long()).logits
         logits = gf.mlm_logits(hf.hidden_states[-1])
     assert logits.shape == (*batch.input_ids_BT.shape, gf.vocab_size)
     assert_close_at(logits, hf_logits, batch.keep_BT, atol=1e-4)
@@ -265,8 +337,9 @@ def test_geneformer_device_and_dtype_are_honoured(gf_files):
     model_dir, dict_dir = gf_files
     b32 = load_backend("geneformer", model_dir, dict_dir)
     b64 = load_backend("geneformer", model_dir, dict_dir, dtype=torch.float64, device="cpu")
-    assert {p.dtype for p in b64.module.parameters()} == {torch.float64}
-    assert b64.device == torch.device("cpu") and not b64.module.training
+    reference = b64.reference_model()
+    assert {p.dtype for p in reference.parameters()} == {torch.float64} and not reference.training
+    assert b64.device == torch.device("cpu")
     _, batch = _padded_batch(b32)
     h32 = b32.hidden_states(batch, [b32.n_layers - 1])[b32.n_layers - 1]
     h64 = b64.hidden_states(batch, [b64.n_layers - 1])[b64.n_layers - 1]

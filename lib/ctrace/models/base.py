@@ -10,10 +10,13 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ctrace.errors import CtraceInputError
 
 RowPairs = tuple[torch.Tensor, torch.Tensor]  # (rows_N, pos_N): N (batch row, position) pairs
 
@@ -309,6 +312,35 @@ def _query_chunks(rows_N: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torc
     first_B = torch.cumsum(chunks_B, 0) - chunks_B
     row_C = torch.repeat_interleave(torch.arange(n_rows, device=device), chunks_B)
     return row_C, first_B[rows_N] + rank_N // Q, rank_N % Q, Q
+
+
+def load_plain_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A weights-only `torch.load` of a plain state dict (name → tensor); clear errors for anything else."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
+        raise CtraceInputError(
+            f"{path}: cannot be read as a weights-only torch file ({type(err).__name__}: {err}); "
+            f"expected {what}, a plain state dict saved with torch.save"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CtraceInputError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
+    not_tensors = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CtraceInputError(
+            f"{path}: entries {not_tensors[:10]} are not tensors; this looks like a training-checkpoint "
+            f"wrapper. Save the plain state dict (model.state_dict()) as {path.name}"
+        )
+    return obj
+
+
+def key_listing(label: str, items: list[str], limit: int = 20) -> str:
+    """One indented line of an error message listing checkpoint keys (at most `limit`)."""
+    if not items:
+        return ""
+    shown = ", ".join(items[:limit])
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return f"\n  {label}: {shown}{more}"
 
 
 @torch.no_grad()  # wraps a generator: every step of the iteration runs without grad

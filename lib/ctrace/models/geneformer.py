@@ -1,8 +1,11 @@
 """Geneformer (HF `BertForMaskedLM`, model_formats.md §1) as a block-by-block `Backend`.
 
 The model folder holds `config.json` + `model.safetensors`; the gene dictionaries live in a separate
-folder (`GeneformerDictionaries`). `transformers` is imported lazily: it costs seconds, and code that
-only needs `ctrace.models` for types or scGPT should not pay for it.
+folder (`GeneformerDictionaries`). The backend reads the weights file itself (safetensors) and checks
+every key and shape against what config.json implies: it runs its own embedding and `PostLNBlock`s, so
+importing `transformers` (~5 s per job, in every dump and sweep job of a workflow) would only buy the
+loader. `transformers` is imported lazily, for `reference_model()` (the HF forward the backend is tested
+and benchmarked against) and for building/saving checkpoints.
 """
 
 from __future__ import annotations
@@ -14,22 +17,39 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from ctrace.errors import CtraceInputError
-from ctrace.models.base import Batch, PostLNBackend, PostLNBlock
+from ctrace.models.base import Batch, PostLNBackend, PostLNBlock, key_listing, load_plain_state_dict
 from ctrace.vocab import GeneformerDictionaries
 
 if TYPE_CHECKING:
     from transformers import BertForMaskedLM
 
 # The MLM decoder is tied to the word embeddings (and its bias to `cls.predictions.bias`), so the
-# official file legitimately omits it (§1.3). Nothing else may be missing.
+# official file legitimately omits it (§1.3); if present it is ignored, as the tie overrides it.
 _TIED_KEYS = frozenset({"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"})
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# config.json's hidden_act → the function (HF ACT2FN names); Geneformer uses relu.
+_ACTIVATIONS = {
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+# BertConfig's defaults for the optional fields that shape the weights or the forward.
+_CONFIG_DEFAULTS = {
+    "intermediate_size": 3072,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
+    "hidden_act": "gelu",
+    "position_embedding_type": "absolute",
+}
 
 
 def read_geneformer_config(model_dir: str | os.PathLike) -> dict:
-    """Read and check `config.json`: must describe a BERT masked-LM (Geneformer's architecture)."""
+    """Read and check `config.json` (a BERT masked-LM: Geneformer's architecture); BertConfig's defaults
+    are filled in for the optional fields that matter here."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CtraceInputError(f"{path}: not found; a Geneformer model folder holds config.json and model.safetensors")
@@ -46,18 +66,129 @@ def read_geneformer_config(model_dir: str | os.PathLike) -> dict:
             f"{path}: 'architectures' = {archs!r}, 'model_type' = {model_type!r}; a Geneformer checkpoint is "
             "['BertForMaskedLM'] / 'bert'. Point the model folder at a Geneformer model (e.g. Geneformer-V2-316M/)."
         )
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
-        if not isinstance(config.get(key), int):
-            raise CtraceInputError(f"{path}: integer field {key!r} is missing or not an integer")
+    config = {**_CONFIG_DEFAULTS, **config}
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "intermediate_size",
+        "type_vocab_size",
+    ):
+        if not isinstance(config.get(key), int) or config[key] < 1:
+            raise CtraceInputError(f"{path}: integer field {key!r} is missing or not a positive integer")
+    if config["hidden_size"] % config["num_attention_heads"]:
+        raise CtraceInputError(
+            f"{path}: hidden_size {config['hidden_size']} is not a multiple of num_attention_heads "
+            f"{config['num_attention_heads']}"
+        )
+    if config["hidden_act"] not in _ACTIVATIONS:
+        raise CtraceInputError(
+            f"{path}: hidden_act {config['hidden_act']!r} is not supported; use one of {', '.join(_ACTIVATIONS)} "
+            "(Geneformer models use 'relu')"
+        )
+    if config["position_embedding_type"] != "absolute":
+        raise CtraceInputError(
+            f"{path}: position_embedding_type {config['position_embedding_type']!r} is not supported; "
+            "Geneformer models use 'absolute'"
+        )
     return config
+
+
+def geneformer_weight_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor a `BertForMaskedLM` with this config stores (5 + 16·L + 5, tied decoder omitted) → shape."""
+    V, D, ffn = config["vocab_size"], config["hidden_size"], config["intermediate_size"]
+    shapes = {
+        "bert.embeddings.word_embeddings.weight": (V, D),
+        "bert.embeddings.position_embeddings.weight": (config["max_position_embeddings"], D),
+        "bert.embeddings.token_type_embeddings.weight": (config["type_vocab_size"], D),
+        "bert.embeddings.LayerNorm.weight": (D,),
+        "bert.embeddings.LayerNorm.bias": (D,),
+    }
+    per_block = {
+        "attention.self.query": (D, D),
+        "attention.self.key": (D, D),
+        "attention.self.value": (D, D),
+        "attention.output.dense": (D, D),
+        "attention.output.LayerNorm": (D,),
+        "intermediate.dense": (ffn, D),
+        "output.dense": (D, ffn),
+        "output.LayerNorm": (D,),
+    }
+    for i in range(config["num_hidden_layers"]):
+        for name, shape in per_block.items():
+            shapes[f"bert.encoder.layer.{i}.{name}.weight"] = shape
+            shapes[f"bert.encoder.layer.{i}.{name}.bias"] = shape[:1]
+    shapes["cls.predictions.bias"] = (V,)
+    shapes["cls.predictions.transform.dense.weight"] = (D, D)
+    shapes["cls.predictions.transform.dense.bias"] = (D,)
+    shapes["cls.predictions.transform.LayerNorm.weight"] = (D,)
+    shapes["cls.predictions.transform.LayerNorm.bias"] = (D,)
+    return shapes
+
+
+def read_geneformer_weights(model_dir: str | os.PathLike, config: dict) -> dict[str, torch.Tensor]:
+    """The folder's tensors (CPU, as stored), refused unless they are exactly `geneformer_weight_shapes`.
+
+    Reads `model.safetensors`, else the shards of `model.safetensors.index.json`, else `pytorch_model.bin`
+    (weights only), in the order `from_pretrained` prefers them.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    single, index, pickled = (model_dir / name for name in _WEIGHT_FILES)
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({model_dir / str(name) for name in weight_map.values()})
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CtraceInputError(f"{index}: not a safetensors index with a 'weight_map' ({err!r})") from None
+    elif pickled.is_file():
+        return _checked(load_plain_state_dict(pickled, "a Geneformer pytorch_model.bin"), config, model_dir)
+    else:
+        raise CtraceInputError(f"{model_dir}: no weights file; expected one of {', '.join(_WEIGHT_FILES)}")
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        if not path.is_file():
+            raise CtraceInputError(f"{path}: weights shard listed in {index.name} not found")
+        try:
+            tensors.update(load_file(str(path)))
+        except (SafetensorError, OSError) as err:
+            raise CtraceInputError(f"{path}: cannot be read as safetensors ({err}); re-download the file") from None
+    return _checked(tensors, config, model_dir)
+
+
+def _checked(tensors: dict[str, torch.Tensor], config: dict, model_dir: Path) -> dict[str, torch.Tensor]:
+    expected = geneformer_weight_shapes(config)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - _TIED_KEYS)
+    mismatched = sorted(
+        f"{key} (file {tuple(t.shape)}, model {expected[key]})"
+        for key, t in tensors.items()
+        if key in expected and tuple(t.shape) != expected[key]
+    )
+    if missing or unexpected or mismatched:
+        raise CtraceInputError(
+            f"{model_dir}: checkpoint does not match config.json ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(mismatched)} wrong-shape keys)"
+            + key_listing("missing", missing)
+            + key_listing("unexpected", unexpected)
+            + key_listing("wrong shape", mismatched)
+            + "\nUse an unmodified Geneformer model folder (config.json + model.safetensors from the same release)."
+        )
+    return {key: tensors[key] for key in expected}
 
 
 class GeneformerBackend(PostLNBackend):
     """A Geneformer checkpoint run block by block.
 
-    The blocks run as `PostLNBlock`s on the HF layers' own parameters (scaled_dot_product_attention,
-    unmasked when there is no padding); `module` is the HF model itself (eager attention), for its heads
-    and as the reference the block-by-block runs are tested against.
+    Embedding: word + token-type-0 + absolute position embeddings, then LayerNorm (as BertEmbeddings);
+    the blocks are `PostLNBlock`s (scaled_dot_product_attention, unmasked when there is no padding) on
+    the checkpoint's tensors, with q/k/v fused into one in-projection.
     """
 
     name = "geneformer"
@@ -70,8 +201,6 @@ class GeneformerBackend(PostLNBackend):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        from transformers import BertForMaskedLM
-
         model_dir = Path(model_dir)
         config = read_geneformer_config(model_dir)
         config_path = model_dir / "config.json"
@@ -87,40 +216,12 @@ class GeneformerBackend(PostLNBackend):
             raise CtraceInputError(
                 f"{config_path}: pad_token_id {config['pad_token_id']} != <pad> id {pad_id} of the token dictionary"
             )
-        if not any((model_dir / name).is_file() for name in _WEIGHT_FILES):
-            raise CtraceInputError(f"{model_dir}: no weights file; expected one of {', '.join(_WEIGHT_FILES)}")
-
-        # ignore_mismatched_sizes=True makes transformers *report* shape mismatches in the loading
-        # info instead of raising its own error; we then refuse any mismatch below.
-        model, info = BertForMaskedLM.from_pretrained(
-            model_dir,
-            attn_implementation="eager",  # the HF forward is the reference (§3.1); run_blocks is our own
-            dtype=dtype,
-            output_loading_info=True,
-            ignore_mismatched_sizes=True,
-            local_files_only=True,
-        )
-        missing = sorted(set(info.get("missing_keys", ())) - _TIED_KEYS)
-        unexpected = sorted(info.get("unexpected_keys", ()))
-        mismatched = sorted(
-            f"{key} (file {tuple(shape_file)}, model {tuple(shape_model)})"
-            for key, shape_file, shape_model in info.get("mismatched_keys", ())
-        )
-        errors = list(info.get("error_msgs", ()))
-        if missing or unexpected or mismatched or errors:
-            raise CtraceInputError(
-                f"{model_dir}: checkpoint does not match config.json ({len(missing)} missing, "
-                f"{len(unexpected)} unexpected, {len(mismatched)} wrong-shape keys)"
-                + _listing("missing", missing)
-                + _listing("unexpected", unexpected)
-                + _listing("wrong shape", mismatched)
-                + _listing("load errors", errors)
-                + "\nUse an unmodified Geneformer model folder (config.json + model.safetensors from the same release)."
-            )
-
         self.device = torch.device(device)
         self.dtype = dtype
-        self.module: BertForMaskedLM = model.to(device=self.device, dtype=dtype).eval()
+        weights = {
+            key: t.to(device=self.device, dtype=dtype) for key, t in read_geneformer_weights(model_dir, config).items()
+        }
+        self.model_dir = model_dir
         self.config = config
         self.dictionaries = dictionaries
         self.version = dictionaries.version
@@ -134,59 +235,79 @@ class GeneformerBackend(PostLNBackend):
         self.cls_token_id: int | None = token_dict.get("<cls>")
         self.eos_token_id: int | None = token_dict.get("<eos>")
         self.mask_token_id: int = token_dict["<mask>"]
-        self._blocks: dict[int, tuple[tuple, PostLNBlock]] = {}  # layer → (q/k/v signature, block); `_block`
+        self._eps = float(config["layer_norm_eps"])
+        self._act = _ACTIVATIONS[config["hidden_act"]]
+        self._blocks = [self._make_block(weights, i) for i in range(self.n_layers)]
+        # what embed and mlm_logits read (the block tensors now live in self._blocks)
+        self._weights = {k: v for k, v in weights.items() if not k.startswith("bert.encoder.")}
+        self._reference: BertForMaskedLM | None = None
+
+    def _make_block(self, weights: dict[str, torch.Tensor], index: int) -> PostLNBlock:
+        """BertLayer `index` as a `PostLNBlock`: post-LN, dropout off; q/k/v concatenated into one in-projection."""
+
+        def linear(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return weights[f"{prefix}{name}.weight"], weights[f"{prefix}{name}.bias"]
+
+        def norm(name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+            return (*linear(name), self._eps)
+
+        prefix = f"bert.encoder.layer.{index}."
+        q, k, v = (linear(f"attention.self.{name}") for name in ("query", "key", "value"))
+        act = self._act
+        return PostLNBlock(
+            n_heads=int(self.config["num_attention_heads"]),
+            qkv=(torch.cat([q[0], k[0], v[0]]), torch.cat([q[1], k[1], v[1]])),
+            o=linear("attention.output.dense"),
+            ff1=linear("intermediate.dense"),
+            ff2=linear("output.dense"),
+            ln1=norm("attention.output.LayerNorm"),
+            ln2=norm("output.LayerNorm"),
+            # ReLU in place on the fresh W₁·h + b₁ (the activation's input is used nowhere else)
+            act=torch.relu_ if act is torch.relu else act,
+        )
 
     # ---- Backend primitives -------------------------------------------------------------------
     def embed(self, batch: Batch) -> torch.Tensor:
-        """hidden[0] = word + absolute position (0..T-1) + token-type-0 embeddings, then LayerNorm."""
+        """hidden[0] = LayerNorm(word + token-type-0 + absolute position (0..T-1) embeddings)."""
         n_tokens = batch.input_ids_BT.shape[1]
         if n_tokens > self.max_positions:
             raise CtraceInputError(
                 f"batch of {n_tokens} tokens exceeds max_position_embeddings {self.max_positions} of "
                 "config.json; truncate cells to the model input size when tokenizing"
             )
-        return self.module.bert.embeddings(input_ids=batch.input_ids_BT)
+        w = self._weights
+        # summed in BertEmbeddings' order (word + token type, then + position): the same float results
+        h = F.embedding(batch.input_ids_BT, w["bert.embeddings.word_embeddings.weight"])
+        h = h + w["bert.embeddings.token_type_embeddings.weight"][0]
+        h = h + w["bert.embeddings.position_embeddings.weight"][:n_tokens]
+        ln = (w["bert.embeddings.LayerNorm.weight"], w["bert.embeddings.LayerNorm.bias"], self._eps)
+        return F.layer_norm(h, (self.d_model,), *ln)
 
     def _block(self, index: int) -> PostLNBlock:
-        """BertLayer `index` as a `PostLNBlock` on the HF layer's own parameters (dropout is off in eval).
-
-        Built once per layer and cached; the fused q/k/v in-projection is a copy, rebuilt whenever one of
-        the six q/k/v tensors has been replaced or modified in place since (their version counters).
-        """
-        layer = self.module.bert.encoder.layer[index]
-        attn = layer.attention.self
-        qkv = (attn.query.weight, attn.key.weight, attn.value.weight, attn.query.bias, attn.key.bias, attn.value.bias)
-        signature = tuple((t.data_ptr(), t._version) for t in qkv)
-        cached = self._blocks.get(index)
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        ln1, ln2 = layer.attention.output.LayerNorm, layer.output.LayerNorm
-        act = layer.intermediate.intermediate_act_fn
-        block = PostLNBlock(
-            n_heads=attn.num_attention_heads,
-            qkv=(torch.cat(qkv[:3]).detach(), torch.cat(qkv[3:]).detach()),
-            o=(layer.attention.output.dense.weight, layer.attention.output.dense.bias),
-            ff1=(layer.intermediate.dense.weight, layer.intermediate.dense.bias),
-            ff2=(layer.output.dense.weight, layer.output.dense.bias),
-            ln1=(ln1.weight, ln1.bias, ln1.eps),
-            ln2=(ln2.weight, ln2.bias, ln2.eps),
-            # ReLU in place on the fresh W₁·h + b₁ (the activation's input is used nowhere else)
-            act=torch.relu_ if isinstance(act, torch.nn.ReLU) else act,
-        )
-        self._blocks[index] = (signature, block)
-        return block
+        return self._blocks[index]
 
     # ---- heads --------------------------------------------------------------------------------
     def mlm_logits(self, h_last_BTD: torch.Tensor) -> torch.Tensor:
-        """MLM logits_BTV: transform (dense, act, LayerNorm), then the tied word-embedding decoder + bias.
+        """MLM logits_BTV = LayerNorm(act(W·h + b)) @ word_embeddingsᵀ + bias (the head's decoder is tied)."""
+        w, p = self._weights, "cls.predictions."
+        t_BTD = self._act(F.linear(h_last_BTD, w[p + "transform.dense.weight"], w[p + "transform.dense.bias"]))
+        ln = (w[p + "transform.LayerNorm.weight"], w[p + "transform.LayerNorm.bias"], self._eps)
+        t_BTD = F.layer_norm(t_BTD, (self.d_model,), *ln)
+        return t_BTD @ w["bert.embeddings.word_embeddings.weight"].T + w[p + "bias"]
 
-        Written out explicitly (not `cls.predictions.decoder`) so it is correct even if a loader
-        variant failed to re-tie the decoder weight to the embeddings.
-        """
-        head = self.module.cls.predictions
-        t_BTD = head.transform(h_last_BTD)
-        word_VD = self.module.bert.embeddings.word_embeddings.weight
-        return t_BTD @ word_VD.T + head.bias
+    def reference_model(self) -> BertForMaskedLM:
+        """The same folder loaded independently by `transformers` (`BertForMaskedLM.from_pretrained`, eager
+        attention, eval mode) on this backend's device and dtype: the HF forward this backend is tested and
+        benchmarked against. Loaded on the first call, then cached; changing its weights does not change
+        this backend."""
+        if self._reference is None:
+            from transformers import BertForMaskedLM
+
+            model = BertForMaskedLM.from_pretrained(
+                self.model_dir, attn_implementation="eager", dtype=self.dtype, local_files_only=True
+            )
+            self._reference = model.to(device=self.device, dtype=self.dtype).eval()
+        return self._reference
 
 
 def build_geneformer(
@@ -244,11 +365,3 @@ def save_geneformer(model: BertForMaskedLM, directory: str | os.PathLike) -> Pat
         for name in names:
             os.replace(Path(scratch) / name, directory / name)
     return directory
-
-
-def _listing(label: str, items: list[str], limit: int = 20) -> str:
-    if not items:
-        return ""
-    shown = ", ".join(items[:limit])
-    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
-    return f"\n  {label}: {shown}{more}"

@@ -19,7 +19,7 @@ from torch import nn
 
 from ctrace.errors import CtraceInputError
 from ctrace.io import atomic_path, write_json
-from ctrace.models.base import Batch, PostLNBackend, PostLNBlock
+from ctrace.models.base import Batch, PostLNBackend, PostLNBlock, key_listing, load_plain_state_dict
 from ctrace.vocab import SCGPT_SPECIALS, load_scgpt_vocab, write_scgpt_vocab
 
 VALUE_CLAMP = 512.0  # ContinuousValueEncoder clamps values above this (upstream max_value)
@@ -336,7 +336,7 @@ class ScGPTBackend(PostLNBackend):
         if args.pad_token not in vocab:
             raise CtraceInputError(f"{args_path}: pad_token {args.pad_token!r} is not in vocab.json")
 
-        file_state = _load_plain_state_dict(weights_path)
+        file_state = load_plain_state_dict(weights_path, "scGPT's best_model.pt")
         state = _rename_checkpoint(file_state, weights_path)
         do_mvc = any(k.startswith("mvc_decoder.") for k in state)
         with torch.random.fork_rng(devices=[]):
@@ -391,25 +391,6 @@ class ScGPTBackend(PostLNBackend):
         return self.module.decoder(h_last_BTD)
 
 
-def _load_plain_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
-        raise CtraceInputError(
-            f"{path}: cannot be read as a weights-only torch file ({type(err).__name__}: {err}); "
-            "expected scGPT's best_model.pt, a plain state dict saved with torch.save"
-        ) from None
-    if not isinstance(obj, dict):
-        raise CtraceInputError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
-    not_tensors = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
-    if not_tensors:
-        raise CtraceInputError(
-            f"{path}: entries {not_tensors[:10]} are not tensors; this looks like a training-checkpoint "
-            "wrapper. Save the plain state dict (model.state_dict()) as best_model.pt"
-        )
-    return obj
-
-
 def _rename_checkpoint(file_state: dict[str, torch.Tensor], path: Path) -> dict[str, tuple[str, torch.Tensor]]:
     """torch name -> (name in the file, tensor)."""
     state: dict[str, tuple[str, torch.Tensor]] = {}
@@ -461,9 +442,9 @@ def _check_and_load(
         raise CtraceInputError(
             f"{path}: checkpoint does not match args.json / vocab.json ({len(missing)} missing, "
             f"{len(unexpected)} unexpected, {len(wrong_shape)} wrong-shape keys)"
-            + _listing("missing", sorted(missing))
-            + _listing("unexpected", unexpected)
-            + _listing("wrong shape", wrong_shape)
+            + key_listing("missing", sorted(missing))
+            + key_listing("unexpected", unexpected)
+            + key_listing("wrong shape", wrong_shape)
             + hint
             + "\nUse the unmodified whole-human folder (args.json, best_model.pt, vocab.json from one release)."
         )
@@ -474,11 +455,3 @@ def _check_and_load(
     if sorted(result.missing_keys) != sorted(absent) or result.unexpected_keys:
         raise RuntimeError(f"internal: load_state_dict reported {result}")
     return loaded_heads
-
-
-def _listing(label: str, items: list[str], limit: int = 20) -> str:
-    if not items:
-        return ""
-    shown = ", ".join(items[:limit])
-    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
-    return f"\n  {label}: {shown}{more}"
