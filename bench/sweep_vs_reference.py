@@ -91,6 +91,7 @@ def make_geneformer(
     model_dir = save_geneformer(model, workdir / "model")
     del model
     backend = load_backend("geneformer", model_dir, dicts, device=device)
+    backend.reference_model()  # the HF model the reference loop runs, loaded while the folder exists
     if half is None:
         return backend
     return backend, load_backend("geneformer", model_dir, dicts, device=device, dtype=half)

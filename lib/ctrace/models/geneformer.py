@@ -303,6 +303,9 @@ class GeneformerBackend(PostLNBackend):
         if self._reference is None:
             from transformers import BertForMaskedLM
 
+            if not (self.model_dir / "config.json").is_file():
+                raise CtraceInputError(f"{self.model_dir}: model folder no longer there; reference_model() reads it again")
+
             model = BertForMaskedLM.from_pretrained(
                 self.model_dir, attn_implementation="eager", dtype=self.dtype, local_files_only=True
             )
