@@ -3,7 +3,6 @@
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from ctrace.activations import dump_activations, plan_positions
 from ctrace.models import load_backend

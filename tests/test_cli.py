@@ -1,10 +1,13 @@
 """The `ctrace` command: help lists every step; input errors are one clear line, exit status 2."""
 
+import json
 import subprocess
 import sys
-
-import yaml
 from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +83,98 @@ def test_select_cells_and_tokenize_with_sae_including_the_traced_cells(tmp_path)
     for name, path in files.items():
         cells = TokenizedCells.load(path)
         assert sorted(cells.obs_names) == sorted(table.loc[table["split"] == name, "obs_name"])
+
+
+# ---- bad inputs: one clear line and exit status 2, never a traceback ----------------------------------
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """Small valid and invalid files of each kind the commands read."""
+    import numpy as np
+
+    import model_fixtures as fx
+    from ctrace.tokenize import TokenizedCells
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    files = {"root": root}
+    files["gf_model"], files["gf_dicts"] = fx.write_tiny_geneformer(root, n_layers=2)
+    ids = np.array([2, 10, 11, 12, 3, 2, 13, 14, 3], dtype=np.int32)
+    offsets = np.array([0, 5, 9])
+    names = np.array(["a", "b"])
+    TokenizedCells(ids, offsets, None, names).save(root / "gf_cells.npz")
+    TokenizedCells(ids, offsets, np.ones(len(ids), np.float32), names).save(root / "scgpt_cells.npz")
+    TokenizedCells(ids + 10**6, offsets, None, names).save(root / "foreign_cells.npz")
+    (root / "csv.h5ad").write_text("cell,gene\n1,2\n")
+    (root / "trunc.npz").write_bytes(b"PK\x03\x04 truncated")
+    (root / "empty.json").write_text("")
+    (root / "csv.parquet").write_text("model,mode\ngf,corrected\n")
+    (root / "sources_no_feature.tsv").write_text("feat\tscore\n1\t2\n")
+    (root / "cells_no_split.tsv").write_text("obs_name\nAAAC\n")
+    (root / "metrics.json").write_text(json.dumps({"layer": 1, "firing_frequency": [0.1, 0.2, 0.3]}))
+    pd.DataFrame({"layer": [1, 1], "feature": [0, 1], "n_significant": [0, 2]}).to_parquet(root / "features2.parquet")
+    (root / "summary_as_coherence.json").write_text(json.dumps({"model": "gf", "condition": "c"}))
+    return files
+
+
+def _bad_cases(f):
+    gf = ["--kind", "geneformer", "--checkpoint", str(f["gf_model"]), "--dictionaries", str(f["gf_dicts"]),
+          "--device", "cpu"]
+    root = f["root"]
+    out = ["--out", str(root / "out.x")]
+    return {
+        "h5ad not AnnData": (["select-cells", "--condition", "b_cell", "--h5ad", str(root / "csv.h5ad"),
+                              "--trace-cells", "2", *out], "b_cell.h5ad: .*cannot be read as an AnnData"),
+        "cell table without split": (["tokenize", *gf[:6], "--condition", "b_cell", "--h5ad", str(root / "csv.h5ad"),
+                                      "--cells", str(root / "cells_no_split.tsv"), "--out-trace", "t", "--out-sae",
+                                      "s", "--report", "r"], r"cells_no_split.tsv: no column\(s\) \['split'\]"),
+        "cells tokenized for scGPT": (["dump-activations", *gf, "--tokenized", str(root / "scgpt_cells.npz"),
+                                       "--layer", "0", "--out-stem", str(root / "d")],
+                                      "scgpt_cells.npz: cells tokenized for scGPT, not geneformer"),
+        "token ids of another vocabulary": (["dump-activations", *gf, "--tokenized", str(root / "foreign_cells.npz"),
+                                             "--layer", "0", "--out-stem", str(root / "d")],
+                                            "foreign_cells.npz: token id .* outside geneformer's vocabulary"),
+        "layer the model lacks": (["dump-activations", *gf, "--tokenized", str(root / "gf_cells.npz"),
+                                   "--layer", "5", "--out-stem", str(root / "d")], "layer 5 out of range 0..1"),
+        "truncated tokenized file": (["dump-activations", *gf, "--tokenized", str(root / "trunc.npz"),
+                                      "--layer", "0", "--out-stem", str(root / "d")],
+                                     "trunc.npz: cannot read tokenized cells"),
+        "negative shard": (["sweep", *gf, "--tokenized", "x", "--saes", "s", "--layer", "0", "--sources", "x",
+                            "--shard", "-1", "--features-per-shard", "2", *out], "-1 is below the minimum 0"),
+        "sources without feature column": (["sweep", *gf, "--tokenized", "x", "--saes", "s", "--layer", "0",
+                                            "--sources", str(root / "sources_no_feature.tsv"), "--shard", "0",
+                                            "--features-per-shard", "2", *out],
+                                           r"sources_no_feature.tsv: no column\(s\) \['feature'\]"),
+        "truncated shard": (["merge-sweep", "--shards", str(root / "trunc.npz"), *out],
+                            "trunc.npz: cannot read sweep statistics"),
+        "annotation of another SAE": (["select-features", "--metrics", str(root / "metrics.json"), "--annotation",
+                                       str(root / "features2.parquet"), "--strategy", "top_frequency", "--n", "2",
+                                       *out], "features2.parquet: features .* are not the 3 features of"),
+        "empty metrics": (["sae-quality", "--metrics", str(root / "empty.json"), *out],
+                          "empty.json: not valid JSON .*expected an SAE metrics JSON"),
+        "CSV as an edge table": (["coherence", "--model", "gf", "--condition", "c", "--edges",
+                                  str(root / "csv.parquet"), "--significant", "x", "--features", "x",
+                                  "--out-json", "o", "--out-top-edges", "t"],
+                                 "csv.parquet: cannot be read as Parquet .*expected an edge table"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["h5ad not AnnData", "cell table without split", "cells tokenized for scGPT", "token ids of another vocabulary",
+     "layer the model lacks", "truncated tokenized file", "negative shard", "sources without feature column",
+     "truncated shard", "annotation of another SAE", "empty metrics", "CSV as an edge table"],
+)
+def test_bad_input_is_one_clear_line(bad_inputs, case, capsys):
+    """In-process (the subprocess tests above cover the entry point): any exception other than the CLI's
+    own exit would propagate and fail the test."""
+    import re
+
+    from ctrace.cli import main
+
+    argv, message = _bad_cases(bad_inputs)[case]
+    try:
+        status = main(argv)
+    except SystemExit as err:  # argparse's own usage errors
+        status = err.code
+    stderr = capsys.readouterr().err
+    assert status == 2, stderr
+    assert re.search(message, stderr), stderr

@@ -97,3 +97,26 @@ def test_split_with_sae_including_the_traced_cells():
     split_cells(names, 10, 50, seed=3, sae_includes_traced=True)
     with pytest.raises(CtraceInputError, match="sae_cells = 51 but only 50 cells pass the filter"):
         split_cells(names, 10, 51, seed=3, sae_includes_traced=True)
+
+
+@pytest.mark.filterwarnings("ignore:Observation names are not unique")
+def test_unreadable_h5ad_and_duplicate_cell_names_are_refused(tmp_path, demo_h5ad):
+    fake = tmp_path / "fake.h5ad"
+    fake.write_text("cell,gene\n1,2\n")
+    with pytest.raises(CtraceInputError, match="b_cell.h5ad: .*fake.h5ad cannot be read as an AnnData .h5ad"):
+        load_condition(fake, where="b_cell")
+    import anndata as ad
+
+    adata = ad.read_h5ad(demo_h5ad)
+    names = adata.obs_names.to_list()
+    names[5] = names[4]
+    adata.obs_names = names
+    dup = tmp_path / "dup.h5ad"
+    adata.write_h5ad(dup)
+    with pytest.raises(CtraceInputError, match="duplicate obs names.*obs_names_make_unique"):
+        load_condition(dup, where="b_cell")
+
+
+def test_non_numeric_n_counts_column_is_refused(demo_h5ad):
+    with pytest.raises(CtraceInputError, match="n_counts_column: obs column 'bulk_labels' .* is not numeric"):
+        load_condition(demo_h5ad, n_counts_column="bulk_labels", where="b_cell")

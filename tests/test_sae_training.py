@@ -280,6 +280,39 @@ def test_bad_inputs_raise_clear_errors(tmp_path, dumps):
         open_dumps([dumps[0], wide])
     with pytest.raises(CtraceInputError, match="not found"):
         open_dumps([(tmp_path / "missing.npy", short[1])])
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    with pytest.raises(CtraceInputError, match="empty.npy: not a readable .npy activation dump"):
+        open_dumps([(empty, short[1])])
+    csv_rows = tmp_path / "csv.rows.parquet"
+    csv_rows.write_text("cell,position,token_id\n0,0,5\n")
+    with pytest.raises(CtraceInputError, match="csv.rows.parquet: not a readable Parquet row table"):
+        open_dumps([(short[0], csv_rows)])
+
+
+def test_non_finite_activations_are_refused(tmp_path):
+    x = np.random.default_rng(0).normal(size=(80, D))
+    x[::7, 2] = np.nan  # in training and held-out cells alike
+    with pytest.raises(CtraceInputError, match="nan.npy: the training activations contain NaN or inf"):
+        train_sae([write_dump(tmp_path, "nan", x, 40)], CFG)
+
+
+def test_unreadable_sae_checkpoints_are_refused(tmp_path, trained):
+    save_sae(tmp_path / "sae", trained.sae, trained.sidecar())
+    weights, meta = tmp_path / "sae.safetensors", tmp_path / "sae.json"
+    good = meta.read_text()
+    for text, message in [("", "not an SAE sidecar"), ("{}", "not an SAE sidecar"),
+                          (json.dumps({**json.loads(good), "shape": {"d_model": D, "n_features": 4 * D, "k": 0}}),
+                           "k must be in"),
+                          (json.dumps({**json.loads(good), "shape": {"d_model": D + 1, "n_features": 4 * D, "k": K}}),
+                           "not matching sae.json's shape")]:
+        meta.write_text(text)
+        with pytest.raises(CtraceInputError, match=message):
+            load_sae(tmp_path / "sae")
+    meta.write_text(good)
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(CtraceInputError, match="sae.safetensors: SAE weights unreadable"):
+        load_sae(tmp_path / "sae")
 
 
 # --- AuxK revives a dead latent ----------------------------------------------------------------------

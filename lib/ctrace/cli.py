@@ -17,6 +17,42 @@ from ctrace.errors import CtraceInputError
 log = logging.getLogger("ctrace")
 
 
+def _count(minimum: int):
+    """argparse type: an integer ≥ minimum (counts, sizes, indices), refused with a clear message otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {minimum}")
+        return value
+
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _count(1), _count(0)
+
+
+def _in_range(low: float, high: float):
+    """argparse type: a number in [low, high] (thresholds), refused with a clear message otherwise."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside [{low}, {high}]")
+        return value
+
+    return parse
+
+
+FRACTION = _in_range(0.0, 1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers shared by sub-commands
 def _load_backend(args):
@@ -78,17 +114,13 @@ def cmd_demo_model(args) -> None:
 
 
 def cmd_select_cells(args) -> None:
-    import anndata as ad
     import numpy as np
     import pandas as pd
 
-    from ctrace.data import select_obs, split_cells
+    from ctrace.data import open_h5ad, select_obs, split_cells
     from ctrace.io import write_tsv
 
-    path = Path(args.h5ad)
-    if not path.is_file():
-        raise CtraceInputError(f"{args.condition}.h5ad: file {path} not found")
-    adata = ad.read_h5ad(path, backed="r")
+    adata = open_h5ad(Path(args.h5ad), args.condition)
     try:
         obs = adata.obs
         mask = select_obs(obs, args.obs_filter, f"{args.condition}.obs_filter") if args.obs_filter else None
@@ -111,13 +143,18 @@ def cmd_select_cells(args) -> None:
 
 def cmd_tokenize(args) -> None:
     import numpy as np
-    import pandas as pd
 
     from ctrace import tokenize
     from ctrace.data import load_condition
-    from ctrace.io import write_json
+    from ctrace.io import read_table, write_json
 
-    cells = pd.read_csv(args.cells, sep="\t", dtype=str)
+    cells = read_table(args.cells, "a cell table (select-cells output: obs_name, split)", ["obs_name", "split"])
+    cells = cells.astype({"obs_name": str, "split": str})
+    unknown = sorted(set(cells["split"]) - {"trace", "sae"})
+    if unknown:
+        raise CtraceInputError(f"{args.cells}: split values {unknown[:5]} are not 'trace' or 'sae'; re-run select-cells")
+    if args.kind == "geneformer" and not args.dictionaries:
+        raise CtraceInputError("tokenize --kind geneformer needs --dictionaries (the folder with the *_gc104M.pkl files)")
     data = load_condition(
         args.h5ad, counts=args.counts, gene_column=args.gene_column,
         n_counts_column=args.n_counts_column, cells=cells["obs_name"].unique(), where=args.condition,
@@ -154,10 +191,9 @@ def cmd_tokenize(args) -> None:
 
 def cmd_dump_activations(args) -> None:
     from ctrace.activations import dump_activations
-    from ctrace.tokenize import TokenizedCells
 
     backend = _load_backend(args)
-    cells = TokenizedCells.load(args.tokenized)
+    cells = _load_cells(args.tokenized, backend)
     t0 = time.perf_counter()
     n = dump_activations(
         backend, cells, args.layer, args.out_stem, positions_per_cell=args.positions_per_cell,
@@ -192,13 +228,13 @@ def cmd_fit_sae(args) -> None:
 def cmd_sae_quality(args) -> None:
     import pandas as pd
 
-    from ctrace.io import write_tsv
+    from ctrace.io import read_json, write_tsv
 
     keep = ["model", "sae_set", "layer", "heldout_fvu", "heldout_pca_fvu", "fvu_over_pca_fvu", "mean_l0",
             "dead_fraction", "n_heldout_rows"]
     rows = []
     for path in args.metrics:
-        metrics = json.loads(Path(path).read_text())
+        metrics = read_json(path, "an SAE metrics JSON (fit-sae --metrics)", ["model", "sae_set", "layer", "heldout_fvu"])
         rows.append({key: metrics.get(key) for key in keep})
     write_tsv(args.out, pd.DataFrame(rows).sort_values(["model", "sae_set", "layer"]))
 
@@ -224,7 +260,12 @@ def cmd_annotate(args) -> None:
     tokens = np.unique(np.concatenate([TokenizedCells.load(p).ids for p in args.tokenized]))
     background = {symbols[int(t)] for t in tokens if int(t) in symbols}
     device = resolve_device(args.device)
-    sae, _ = load_sae(args.sae, device=device)
+    sae, sidecar = load_sae(args.sae, device=device)
+    if sidecar.get("layer") != args.layer:
+        raise CtraceInputError(
+            f"{args.sae}: SAE of layer {sidecar.get('layer')}, but --layer {args.layer}; pass the SAE fitted on "
+            "this layer's dumps"
+        )
     features, significant = annotate_layer(
         sae, _dump_sources(args.dumps), symbols, libraries, background, n_top=args.n_top,
         min_support=args.min_support, q_threshold=args.q, device=device,
@@ -242,13 +283,25 @@ def cmd_select_features(args) -> None:
     import numpy as np
     import pandas as pd
 
-    from ctrace.io import write_tsv
+    from ctrace.io import read_json, read_table, write_tsv
     from ctrace.trace import select_source_features
 
-    frequency = np.asarray(json.loads(Path(args.metrics).read_text())["firing_frequency"], dtype=np.float64)
-    features = pd.read_parquet(args.annotation).sort_values("feature")
-    scores = np.zeros(len(frequency))
-    scores[features["feature"].to_numpy()] = features["n_significant"].to_numpy()
+    metrics = read_json(args.metrics, "an SAE metrics JSON (fit-sae --metrics)", ["firing_frequency", "layer"])
+    frequency = np.asarray(metrics["firing_frequency"], dtype=np.float64)
+    features = read_table(
+        args.annotation, "a feature annotation table (annotate --out-features)", ["layer", "feature", "n_significant"]
+    ).sort_values("feature")
+    ids = features["feature"].to_numpy()
+    if len(ids) != len(frequency) or not np.array_equal(ids, np.arange(len(frequency))):
+        raise CtraceInputError(
+            f"{args.annotation}: features {ids[:3].tolist()}...{ids[-3:].tolist()} ({len(ids)} rows) are not the "
+            f"{len(frequency)} features of {args.metrics}; pass the annotation of the same SAE"
+        )
+    if set(features["layer"]) != {metrics["layer"]}:
+        raise CtraceInputError(
+            f"{args.annotation}: layer {sorted(set(features['layer']))} but {args.metrics} is layer {metrics['layer']}"
+        )
+    scores = features["n_significant"].to_numpy(dtype=np.float64)
     chosen = select_source_features(
         args.strategy, frequency, scores, args.n, args.seed, explicit=args.features or None
     )
@@ -260,18 +313,25 @@ def cmd_select_features(args) -> None:
 def cmd_sweep(args) -> None:
     import pandas as pd
 
+    from ctrace.io import read_table
     from ctrace.sae import load_sae
-    from ctrace.tokenize import TokenizedCells
     from ctrace.trace import SweepConfig, run_sweep
 
-    backend = _load_backend(args)
-    selected = pd.read_csv(args.sources, sep="\t")["feature"].to_numpy()
+    sources = read_table(args.sources, "a source-feature table (select-features output)", ["feature"])
+    if not pd.api.types.is_integer_dtype(sources["feature"]):
+        raise CtraceInputError(f"{args.sources}: column 'feature' must hold integer feature ids")
+    selected = sources["feature"].to_numpy()
+    # a shard beyond the list is empty (a selection may return fewer features than the config asks for)
     shard = selected[args.shard * args.features_per_shard : (args.shard + 1) * args.features_per_shard]
+    backend = _load_backend(args)
     saes = {}
     for stem in args.saes:
         sae, sidecar = load_sae(stem, device=backend.device)
-        saes[int(sidecar["layer"])] = sae
-    cells_file = TokenizedCells.load(args.tokenized)
+        layer = sidecar.get("layer")
+        if not isinstance(layer, int) or layer in saes:
+            raise CtraceInputError(f"{stem}: SAE layer {layer!r} is missing or given twice in --saes; one SAE per layer")
+        saes[layer] = sae
+    cells_file = _load_cells(args.tokenized, backend)
     cells = [cells_file.cell(i) for i in range(len(cells_file))]
     targets = [layer for layer in sorted(saes) if layer > args.layer]
     cfg = SweepConfig(features_per_batch=args.features_per_batch, ablations_per_batch=args.ablations_per_batch,
@@ -298,6 +358,15 @@ def cmd_edges(args) -> None:
     criteria = EdgeCriteria(min_n=args.min_n, q_max=args.q, d_min=args.min_abs_d,
                             consistency_min=args.min_consistency, reference_top_k=args.reference_top_k)
     stats = [SweepStats.load(p) for p in args.stats]
+    for path, s in zip(args.stats[1:], stats[1:]):
+        if (s.backend, s.cells_digest) != (stats[0].backend, stats[0].cells_digest):
+            raise CtraceInputError(
+                f"{path}: statistics of {s.backend} on other cells than {args.stats[0]} ({stats[0].backend}); "
+                "one edges call takes the merged statistics of one model and one condition"
+            )
+    layers = [s.source_layer for s in stats]
+    if len(set(layers)) != len(layers):
+        raise CtraceInputError(f"--stats: source layers {layers} repeat; pass each source layer's merged file once")
     summaries = {}
     for mode, out in (("corrected", args.out_corrected), ("reference", args.out_reference)):
         edges = pd.concat([edge_table(s, args.condition, mode, criteria) for s in stats], ignore_index=True)
@@ -316,15 +385,53 @@ def cmd_edges(args) -> None:
 def cmd_concat_tables(args) -> None:
     import pandas as pd
 
-    from ctrace.io import write_tsv
+    from ctrace.io import read_table, write_tsv
 
-    write_tsv(args.out, pd.concat([pd.read_csv(p, sep="\t") for p in args.tables], ignore_index=True))
+    tables = [read_table(p, "a per-condition summary table (TSV)") for p in args.tables]
+    for path, table in zip(args.tables[1:], tables[1:]):
+        if list(table.columns) != list(tables[0].columns):
+            raise CtraceInputError(f"{path}: columns differ from those of {args.tables[0]}; concatenate tables of one kind")
+    write_tsv(args.out, pd.concat(tables, ignore_index=True))
 
 
-def _read_tables(paths: list[str]):
+EDGE_TABLE = ("an edge table (edges step Parquet)", ["model", "mode", "condition", "source_layer", "source_feature",
+                                                    "target_layer", "target_feature", "cohens_d"])
+SIGNIFICANT_TABLE = ("a significant-terms table (annotate --out-significant)", ["layer", "feature", "term", "q_value"])
+FEATURE_TABLE = ("a feature annotation table (annotate --out-features)", ["layer", "feature", "top_genes"])
+
+
+def _read_tables(paths: list[str], kind: tuple[str, list[str]]):
+    """Concatenated Parquet tables of one kind (what, required columns), each checked."""
     import pandas as pd
 
-    return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+    from ctrace.io import read_table
+
+    return pd.concat([read_table(p, *kind) for p in paths], ignore_index=True)
+
+
+def _one_model(edges, paths: list[str], model: str) -> None:
+    """Edge tables handed to a per-model step must be that model's."""
+    found = sorted(set(edges["model"]))
+    if found != [model]:
+        raise CtraceInputError(f"{', '.join(paths)}: edge tables of model(s) {found}, expected only {model!r}")
+
+
+def _load_cells(path: str, backend):
+    """Tokenized cells that fit the backend: the right tokenizer (scGPT needs values) and vocabulary."""
+    from ctrace.tokenize import TokenizedCells
+
+    cells = TokenizedCells.load(path)
+    wants_values = backend.name == "scgpt"
+    if (cells.values is not None) != wants_values:
+        other = "Geneformer" if wants_values else "scGPT"
+        raise CtraceInputError(f"{path}: cells tokenized for {other}, not {backend.name}; pass this model's tokenize output")
+    top = int(cells.ids.max(initial=-1))
+    if top >= backend.vocab_size:
+        raise CtraceInputError(
+            f"{path}: token id {top} is outside {backend.name}'s vocabulary of {backend.vocab_size}; the cells were "
+            "tokenized with another vocabulary or dictionary folder"
+        )
+    return cells
 
 
 def _by_mode(edges) -> dict:
@@ -337,11 +444,13 @@ def cmd_coherence(args) -> None:
     from ctrace.biology import annotated_top_edges, coherence_by_mode
     from ctrace.io import write_json, write_tsv
 
-    edges = _by_mode(_read_tables(args.edges))
-    significant = _read_tables(args.significant)
+    edge_table = _read_tables(args.edges, EDGE_TABLE)
+    _one_model(edge_table, args.edges, args.model)
+    edges = _by_mode(edge_table)
+    significant = _read_tables(args.significant, SIGNIFICANT_TABLE)
     result = coherence_by_mode(edges, significant, args.n_permutations, args.seed, args.swaps_per_edge)
     write_json(args.out_json, {"model": args.model, "condition": args.condition, **result})
-    top = annotated_top_edges(edges["corrected"], _read_tables(args.features), significant, n_edges=args.n_top_edges)
+    top = annotated_top_edges(edges["corrected"], _read_tables(args.features, FEATURE_TABLE), significant, n_edges=args.n_top_edges)
     top.insert(0, "model", args.model)
     write_tsv(args.out_top_edges, top)
     for mode, r in result.items():
@@ -355,12 +464,17 @@ def cmd_consensus(args) -> None:
     from ctrace.genesets import load_libraries
     from ctrace.io import write_json
 
-    edges_a, edges_b = _read_tables(args.edges_a), _read_tables(args.edges_b)
+    edges_a, edges_b = _read_tables(args.edges_a, EDGE_TABLE), _read_tables(args.edges_b, EDGE_TABLE)
+    _one_model(edges_a, args.edges_a, args.model_a)
+    _one_model(edges_b, args.edges_b, args.model_b)
+    if args.disease_gmt and not args.gene_sets:
+        raise CtraceInputError("consensus --disease-gmt needs --gene-sets (the libraries the domain terms come from)")
     domain_genes = None
     if args.disease_gmt:
         domain_genes = {term: genes for lib in load_libraries(args.gene_sets).values() for term, genes in lib.items()}
     result = consensus_by_mode(
-        _by_mode(edges_a), _read_tables(args.significant_a), _by_mode(edges_b), _read_tables(args.significant_b),
+        _by_mode(edges_a), _read_tables(args.significant_a, SIGNIFICANT_TABLE),
+        _by_mode(edges_b), _read_tables(args.significant_b, SIGNIFICANT_TABLE),
         args.n_permutations, args.seed, args.swaps_per_edge, domain_genes=domain_genes, disease_gmt=args.disease_gmt,
     )
     if not args.disease_gmt:
@@ -377,9 +491,12 @@ def cmd_validate(args) -> None:
     from ctrace.biology import validation_records
     from ctrace.io import write_json
 
-    edges = _read_tables(args.edges)
+    edges = _read_tables(args.edges, EDGE_TABLE)
+    _one_model(edges, args.edges, args.model)
+    if "corrected" not in set(edges["mode"]):
+        raise CtraceInputError(f"{', '.join(args.edges)}: no corrected-mode edge table; validation uses the corrected edges")
     result = validation_records(
-        edges[edges["mode"] == "corrected"], _read_tables(args.features), perturbation_files=args.perturbation or (),
+        edges[edges["mode"] == "corrected"], _read_tables(args.features, FEATURE_TABLE), perturbation_files=args.perturbation or (),
         perturbation_values=args.perturbation_values, tf_targets=args.tf_targets, n_top_genes=args.n_top_genes,
         pair_weight=args.pair_weight, n_shuffles=args.n_permutations, seed=args.seed,
     )
@@ -391,19 +508,26 @@ def cmd_validate(args) -> None:
 def cmd_report(args) -> None:
     import pandas as pd
 
+    from ctrace.edges import MODES
+    from ctrace.io import read_json, read_table
     from ctrace.report import ReportInputs, write_report
 
-    def jsons(paths):
-        return [json.loads(Path(p).read_text()) for p in paths or []]
+    def jsons(paths, what: str, keys: list[str]):
+        return [read_json(p, what, keys) for p in paths or []]
 
     inputs = ReportInputs(
-        summaries=jsons(args.summaries),
-        sae_quality=pd.read_csv(args.sae_quality, sep="\t"),
-        edges=_read_tables(args.edges),
-        coherence=jsons(args.coherence),
-        consensus=jsons(args.consensus),
-        validation=jsons(args.validation),
-        top_edges=pd.concat([pd.read_csv(p, sep="\t") for p in args.top_edges], ignore_index=True),
+        summaries=jsons(args.summaries, "an edge summary JSON (edges --summary-json)", ["model", "condition", *MODES]),
+        sae_quality=read_table(
+            args.sae_quality, "the SAE quality table (sae-quality output)", ["model", "layer", "heldout_fvu"]
+        ),
+        edges=_read_tables(args.edges, EDGE_TABLE),
+        coherence=jsons(args.coherence, "a coherence JSON (coherence --out-json)", ["model", "condition", *MODES]),
+        consensus=jsons(args.consensus, "a consensus JSON (consensus --out)", ["model_a", "model_b", *MODES]),
+        validation=jsons(args.validation, "a validation JSON (validate --out)", ["model", "condition", "result"]),
+        top_edges=pd.concat(
+            [read_table(p, "a top-edges table (coherence --out-top-edges)", ["model"]) for p in args.top_edges],
+            ignore_index=True,
+        ),
     )
     figures = write_report(inputs, args.out_html, args.out_figures)
     log.info("report %s with %d figures: %s", args.out_html, len(figures), ", ".join(f.name for f in figures))
@@ -443,8 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--condition", required=True)
     p.add_argument("--h5ad", required=True)
     p.add_argument("--obs-filter")
-    p.add_argument("--trace-cells", type=int, required=True)
-    p.add_argument("--sae-cells", type=int)
+    p.add_argument("--trace-cells", type=POSITIVE, required=True)
+    p.add_argument("--sae-cells", type=POSITIVE)
     p.add_argument(
         "--sae-includes-traced", action="store_true",
         help="draw the SAE cells from all cells, traced ones first (default: from the cells not traced)",
@@ -461,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--counts", default="X")
     p.add_argument("--gene-column", default="index")
     p.add_argument("--n-counts-column")
-    p.add_argument("--max-seq-len", type=int, default=1200)
+    p.add_argument("--max-seq-len", type=POSITIVE, default=1200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-trace", required=True)
     p.add_argument("--out-sae", required=True)
@@ -471,9 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dump-activations", help="write h_L at sampled gene positions (float16)")
     _add_model_args(p)
     p.add_argument("--tokenized", required=True)
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--positions-per-cell", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--layer", type=NON_NEGATIVE, required=True)
+    p.add_argument("--positions-per-cell", type=POSITIVE, default=64)
+    p.add_argument("--batch-size", type=POSITIVE, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-stem", required=True)
     p.set_defaults(func=cmd_dump_activations)
@@ -482,12 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dumps", nargs="+", required=True, help="dump stems (<stem>.npy + <stem>.rows.parquet)")
     p.add_argument("--model", required=True)
     p.add_argument("--sae-set", required=True)
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--expansion", type=int, default=4)
-    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--layer", type=NON_NEGATIVE, required=True)
+    p.add_argument("--expansion", type=POSITIVE, default=4)
+    p.add_argument("--k", type=POSITIVE, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--n-steps", type=int)
+    p.add_argument("--batch-size", type=POSITIVE, default=4096)
+    p.add_argument("--n-steps", type=POSITIVE)
     p.add_argument("--heldout-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -503,12 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("annotate", help="top genes and gene-set enrichment of every SAE feature")
     _add_model_args(p)
     p.add_argument("--sae", required=True, help="SAE checkpoint stem")
-    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--layer", type=NON_NEGATIVE, required=True)
     p.add_argument("--dumps", nargs="+", required=True)
     p.add_argument("--tokenized", nargs="+", required=True, help="tokenized cells (the gene background)")
     p.add_argument("--gene-sets", nargs="+", required=True, help="bundled names (hallmark, reactome, go_bp) or GMT paths")
-    p.add_argument("--n-top", type=int, default=20)
-    p.add_argument("--min-support", type=int, default=3)
+    p.add_argument("--n-top", type=POSITIVE, default=20)
+    p.add_argument("--min-support", type=NON_NEGATIVE, default=3)
     p.add_argument("--q", type=float, default=0.05)
     p.add_argument("--out-features", required=True)
     p.add_argument("--out-significant", required=True)
@@ -518,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", required=True, help="SAE metrics JSON (firing frequencies)")
     p.add_argument("--annotation", required=True, help="features table from annotate")
     p.add_argument("--strategy", required=True, choices=["top_frequency", "annotated", "random", "explicit", "all"])
-    p.add_argument("--n", type=int, default=30)
+    p.add_argument("--n", type=POSITIVE, default=30)
     p.add_argument("--features", type=int, nargs="*", help="explicit feature ids")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -528,15 +652,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--tokenized", required=True, help="traced cells")
     p.add_argument("--saes", nargs="+", required=True, help="SAE stems: the source layer and every target layer")
-    p.add_argument("--layer", type=int, required=True, help="source layer")
+    p.add_argument("--layer", type=NON_NEGATIVE, required=True, help="source layer")
     p.add_argument("--sources", required=True, help="selected source features (TSV)")
-    p.add_argument("--shard", type=int, required=True)
-    p.add_argument("--features-per-shard", type=int, required=True)
-    p.add_argument("--features-per-batch", type=int, default=8,
+    p.add_argument("--shard", type=NON_NEGATIVE, required=True)
+    p.add_argument("--features-per-shard", type=POSITIVE, required=True)
+    p.add_argument("--features-per-batch", type=POSITIVE, default=8,
                    help="consecutive source features of the shard whose ablations share forward passes")
-    p.add_argument("--ablations-per-batch", type=int, default=32, help="cap on ablated rows per forward pass")
+    p.add_argument("--ablations-per-batch", type=POSITIVE, default=32, help="cap on ablated rows per forward pass")
     p.add_argument("--response", default="firing", choices=["firing", "all"])
-    p.add_argument("--null-draws", type=int, default=0)
+    p.add_argument("--null-draws", type=NON_NEGATIVE, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sweep)
@@ -550,11 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--condition", required=True)
     p.add_argument("--stats", nargs="+", required=True, help="merged statistics, one per source layer")
-    p.add_argument("--min-n", type=int, default=3)
-    p.add_argument("--q", type=float, default=0.05)
-    p.add_argument("--min-abs-d", type=float, default=0.5)
-    p.add_argument("--min-consistency", type=float, default=0.7)
-    p.add_argument("--reference-top-k", type=int, default=50)
+    p.add_argument("--min-n", type=POSITIVE, default=3)
+    p.add_argument("--q", type=FRACTION, default=0.05)
+    p.add_argument("--min-abs-d", type=_in_range(0.0, float("inf")), default=0.5)
+    p.add_argument("--min-consistency", type=FRACTION, default=0.7)
+    p.add_argument("--reference-top-k", type=POSITIVE, default=50)
     p.add_argument("--out-corrected", required=True)
     p.add_argument("--out-reference", required=True)
     p.add_argument("--summary-json", required=True)
@@ -562,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_edges)
 
     def add_null_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--n-permutations", type=int, default=1000)
+        p.add_argument("--n-permutations", type=POSITIVE, default=1000)
         p.add_argument("--swaps-per-edge", type=float, default=10)
         p.add_argument("--seed", type=int, default=0)
 
@@ -572,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edges", nargs="+", required=True, help="edge tables (both modes)")
     p.add_argument("--significant", nargs="+", required=True, help="significant-term tables, every layer")
     p.add_argument("--features", nargs="+", required=True, help="feature tables (top genes), every layer")
-    p.add_argument("--n-top-edges", type=int, default=20)
+    p.add_argument("--n-top-edges", type=POSITIVE, default=20)
     add_null_args(p)
     p.add_argument("--out-json", required=True)
     p.add_argument("--out-top-edges", required=True)
@@ -598,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perturbation", nargs="*", help="Replogle-layout pseudobulk .h5ad file(s)")
     p.add_argument("--perturbation-values", default="auto", choices=["auto", "lfc", "raw"])
     p.add_argument("--tf-targets", help="TRRUST-layout TF→target table")
-    p.add_argument("--n-top-genes", type=int, default=10)
+    p.add_argument("--n-top-genes", type=POSITIVE, default=10)
     p.add_argument("--pair-weight", default="abs_d", choices=["abs_d", "uniform", "abs_d_rank"])
     add_null_args(p)
     p.add_argument("--out", required=True)

@@ -57,6 +57,30 @@ def demo_gene_ids() -> dict[str, str]:
     return dict(zip(frame["symbol"], frame["ensembl_id"]))
 
 
+def open_h5ad(path: Path, where: str):
+    """A condition's `.h5ad` in backed mode (close with `.file.close()`); unreadable files and duplicate
+    obs names (cells are selected by name) are refused."""
+    import anndata as ad
+
+    if not path.is_file():
+        raise CtraceInputError(f"{where}.h5ad: file {path} not found")
+    try:
+        adata = ad.read_h5ad(path, backed="r")
+    except (OSError, ValueError, KeyError) as err:
+        raise CtraceInputError(
+            f"{where}.h5ad: {path} cannot be read as an AnnData .h5ad ({type(err).__name__}: {err}); "
+            "point it at a file written by anndata (adata.write_h5ad)"
+        ) from None
+    if not adata.obs_names.is_unique:
+        duplicated = list(adata.obs_names[adata.obs_names.duplicated()].unique()[:3])
+        adata.file.close()
+        raise CtraceInputError(
+            f"{where}.h5ad: {path} has duplicate obs names (e.g. {duplicated}); cells are selected by name, so "
+            "make them unique (adata.obs_names_make_unique()) and save the file again"
+        )
+    return adata
+
+
 def load_condition(
     h5ad: str | os.PathLike,
     *,
@@ -72,12 +96,8 @@ def load_condition(
     counts: "X", "raw" (`.raw.X`) or a layer name. gene_column: a `var` column or "index".
     cells: obs names to keep, in this order (after the filter). `where` names the config block in errors.
     """
-    import anndata as ad
-
     path = Path(h5ad)
-    if not path.is_file():
-        raise CtraceInputError(f"{where}.h5ad: file {path} not found")
-    adata = ad.read_h5ad(path, backed="r")
+    adata = open_h5ad(path, where)
     try:
         obs = adata.obs
         mask = np.ones(adata.n_obs, dtype=bool)
@@ -103,7 +123,12 @@ def load_condition(
                     f"{where}.n_counts_column: obs column {n_counts_column!r} not in {path}; "
                     f"available: {list(sub_obs.columns)[:10]}"
                 )
-            n_counts = sub_obs[n_counts_column].to_numpy(dtype=np.float64)
+            n_counts = pd.to_numeric(sub_obs[n_counts_column], errors="coerce").to_numpy(dtype=np.float64)
+            if not np.isfinite(n_counts).all():
+                raise CtraceInputError(
+                    f"{where}.n_counts_column: obs column {n_counts_column!r} of {path} is not numeric for every "
+                    "selected cell; it must hold each cell's total counts (or set n_counts_column: null)"
+                )
         else:
             n_counts = np.asarray(matrix.sum(axis=1)).ravel()
         return ConditionData(

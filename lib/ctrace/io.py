@@ -1,4 +1,5 @@
-"""Atomic file output and safe loading of pickled dictionaries.
+"""Atomic file output, checked reading of the tables and JSON files steps pass on, and safe loading of
+pickled dictionaries.
 
 Every result file is written to a temporary sibling and renamed into place, so an interrupted job
 never leaves a half-written output that Snakemake (or a user) could mistake for a finished one.
@@ -11,7 +12,8 @@ import json
 import os
 import pickle
 import tempfile
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,49 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
+
+
+# Errors of unreadable files: numpy (EOFError, BadZipFile), pandas/pyarrow/json (ValueError subclasses), OS.
+UNREADABLE_FILE_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+
+
+def read_table(path: str | os.PathLike, what: str, columns: Sequence[str] = ()):
+    """A Parquet (`.parquet`) or tab-separated table with at least `columns`, else a CtraceInputError that
+    names the file and says what it should be (`what`, e.g. "an edge table (the edges step's Parquet)")."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise CtraceInputError(f"{path}: not found; expected {what}")
+    parquet = path.suffix == ".parquet"
+    try:
+        frame = pd.read_parquet(path) if parquet else pd.read_csv(path, sep="\t")
+    except UNREADABLE_FILE_ERRORS as err:
+        kind = "Parquet" if parquet else "a tab-separated table"
+        raise CtraceInputError(f"{path}: cannot be read as {kind} ({type(err).__name__}: {err}); expected {what}") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise CtraceInputError(
+            f"{path}: no column(s) {missing} (it has {list(frame.columns)[:12]}); expected {what}"
+        )
+    return frame
+
+
+def read_json(path: str | os.PathLike, what: str, keys: Sequence[str] = ()) -> dict:
+    """A JSON object with at least `keys`, else a CtraceInputError naming the file and what it should be."""
+    path = Path(path)
+    if not path.is_file():
+        raise CtraceInputError(f"{path}: not found; expected {what}")
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CtraceInputError(f"{path}: not valid JSON ({err}); expected {what}") from None
+    if not isinstance(obj, dict):
+        raise CtraceInputError(f"{path}: a JSON {type(obj).__name__}, not an object; expected {what}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise CtraceInputError(f"{path}: no key(s) {missing} (it has {sorted(obj)[:12]}); expected {what}")
+    return obj
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -90,7 +91,18 @@ def load_sae(path_stem: str | os.PathLike, device: torch.device | str = "cpu") -
     for path in (weights, meta):
         if not path.is_file():
             raise CtraceInputError(f"{path}: SAE checkpoint file not found")
-    sidecar = json.loads(meta.read_text())
-    sae = TopKSAE(SAEShape(**sidecar["shape"]))
-    sae.load_state_dict(load_file(str(weights)))
+    try:
+        sidecar = json.loads(meta.read_text())
+        sae = TopKSAE(SAEShape(**sidecar["shape"]))
+    except (ValueError, KeyError, TypeError) as err:  # bad JSON, no/odd "shape", k out of range
+        raise CtraceInputError(
+            f"{meta}: not an SAE sidecar with a valid 'shape' ({type(err).__name__}: {err}); re-run fit-sae"
+        ) from None
+    try:
+        sae.load_state_dict(load_file(str(weights)))
+    except (SafetensorError, OSError, RuntimeError) as err:  # unreadable file, wrong keys or shapes
+        raise CtraceInputError(
+            f"{weights}: SAE weights unreadable or not matching {meta.name}'s shape {sae.shape} "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}); re-run fit-sae"
+        ) from None
     return sae.to(device).eval(), sidecar

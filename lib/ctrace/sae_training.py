@@ -28,6 +28,7 @@ import torch
 
 from ctrace.device import resolve_device
 from ctrace.errors import CtraceInputError
+from ctrace.io import UNREADABLE_FILE_ERRORS
 from ctrace.sae import SAEShape, TopKSAE
 
 DATA_HASH_METHOD = (
@@ -131,8 +132,8 @@ def open_dumps(sources: Sequence[tuple[str | os.PathLike, str | os.PathLike]]) -
                 raise CtraceInputError(f"{path}: activation dump file not found")
         try:
             arr = np.load(npy, mmap_mode="r")
-        except ValueError as err:
-            raise CtraceInputError(f"{npy}: not a readable .npy activation dump ({err})") from None
+        except UNREADABLE_FILE_ERRORS as err:
+            raise CtraceInputError(f"{npy}: not a readable .npy activation dump ({type(err).__name__}: {err})") from None
         if arr.ndim != 2 or arr.dtype not in (np.float16, np.float32):
             raise CtraceInputError(
                 f"{npy}: expected a 2-D float16 array (n_rows, d_model), got {arr.dtype} with shape {arr.shape}"
@@ -144,7 +145,10 @@ def open_dumps(sources: Sequence[tuple[str | os.PathLike, str | os.PathLike]]) -
                 f"{npy}: d_model {arr.shape[1]} differs from {d_model} of {paths[0][0]}; an SAE set trains on "
                 "dumps of one (model, layer)"
             )
-        table = pq.read_table(parquet)
+        try:
+            table = pq.read_table(parquet)
+        except UNREADABLE_FILE_ERRORS as err:
+            raise CtraceInputError(f"{parquet}: not a readable Parquet row table ({type(err).__name__}: {err})") from None
         missing = {"cell", "token_id"} - set(table.column_names)
         if missing:
             raise CtraceInputError(
@@ -283,6 +287,12 @@ def training_stats(
         raise CtraceInputError("no training rows (every cell was held out)")
     mean_c = s1 / n  # μ − s
     total_variance = float(ss / n - mean_c.pow(2).sum())
+    if not math.isfinite(total_variance):
+        files = ", ".join(str(npy) for npy, _ in dumps.paths)
+        raise CtraceInputError(
+            f"{files}: the training activations contain NaN or inf (a model run in a too-narrow dtype?); "
+            "re-dump the activations in float32"
+        )
     if not total_variance > 0:
         raise CtraceInputError("the training activations have zero variance; nothing to fit")
     m_p = s1_p / n_p

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ctrace.errors import CtraceInputError
-from ctrace.io import write_npz
+from ctrace.io import UNREADABLE_FILE_ERRORS, write_npz
 from ctrace.models.base import Cell
 from ctrace.vocab import GENEFORMER_SPECIALS, SCGPT_SPECIALS, GeneformerDictionaries
 
@@ -122,8 +122,10 @@ class TokenizedCells:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as err:
-            raise CtraceInputError(f"{path}: cannot read tokenized cells ({err})") from None
+        except UNREADABLE_FILE_ERRORS as err:
+            raise CtraceInputError(
+                f"{path}: cannot read tokenized cells ({type(err).__name__}: {err}); re-run the tokenize step"
+            ) from None
         missing = {"ids", "offsets", "obs_names"} - set(arrays)
         if missing:
             raise CtraceInputError(

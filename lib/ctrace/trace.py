@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ctrace.errors import CtraceInputError
-from ctrace.io import write_npz
+from ctrace.io import UNREADABLE_FILE_ERRORS, write_npz
 from ctrace.models.base import Backend, Cell
 from ctrace.sae import TopKSAE
 
@@ -271,10 +271,12 @@ class SweepStats:
                 kwargs.update({name: int(data[name]) for name in cls._INTS})
                 kwargs.update({name: float(data[name]) for name in cls._FLOATS})
                 kwargs.update({name: str(data[name]) for name in cls._STRS})
-        except (OSError, KeyError, ValueError) as err:
-            if isinstance(err, CtraceInputError):
-                raise
-            raise CtraceInputError(f"{path}: cannot read sweep statistics ({err})") from None
+        except CtraceInputError:
+            raise
+        except (KeyError, *UNREADABLE_FILE_ERRORS) as err:
+            raise CtraceInputError(
+                f"{path}: cannot read sweep statistics ({type(err).__name__}: {err}); re-run the sweep step"
+            ) from None
         return cls(**kwargs)
 
 

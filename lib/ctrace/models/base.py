@@ -165,7 +165,9 @@ class Backend(abc.ABC):
     def _check_layers(self, layers: Sequence[int]) -> None:
         for layer in layers:
             if not 0 <= layer < self.n_layers:
-                raise ValueError(f"layer {layer} out of range 0..{self.n_layers - 1} for {self.name}")
+                raise CtraceInputError(
+                    f"layer {layer} out of range 0..{self.n_layers - 1} for {self.name}; use a layer this model has"
+                )
 
 
 def check_block_range(start: int, stop: int, n_layers: int) -> None:
