@@ -111,7 +111,8 @@ def bad_inputs(tmp_path_factory):
     (root / "cells_no_split.tsv").write_text("obs_name\nAAAC\n")
     (root / "metrics.json").write_text(json.dumps({"layer": 1, "firing_frequency": [0.1, 0.2, 0.3]}))
     pd.DataFrame({"layer": [1, 1], "feature": [0, 1], "n_significant": [0, 2]}).to_parquet(root / "features2.parquet")
-    (root / "summary_as_coherence.json").write_text(json.dumps({"model": "gf", "condition": "c"}))
+    modes = {"corrected": {"n_edges_tested": 3}, "reference": {"n_edges_tested": 3}}
+    (root / "coherence.json").write_text(json.dumps({"model": "gf", "condition": "c", **modes}))
     return files
 
 
@@ -150,6 +151,10 @@ def _bad_cases(f):
                                        *out], "features2.parquet: features .* are not the 3 features of"),
         "empty metrics": (["sae-quality", "--metrics", str(root / "empty.json"), *out],
                           "empty.json: not valid JSON .*expected an SAE metrics JSON"),
+        "coherence JSON as an edge summary": (["report", "--summaries", str(root / "coherence.json"), "--sae-quality",
+                                               "q", "--edges", "e", "--coherence", "c", "--top-edges", "t",
+                                               "--out-html", "h", "--out-figures", "f"],
+                                              "coherence.json: its corrected/reference records lack 'abs_d_bin_edges'"),
         "CSV as an edge table": (["coherence", "--model", "gf", "--condition", "c", "--edges",
                                   str(root / "csv.parquet"), "--significant", "x", "--features", "x",
                                   "--out-json", "o", "--out-top-edges", "t"],
@@ -161,7 +166,8 @@ def _bad_cases(f):
     "case",
     ["h5ad not AnnData", "cell table without split", "cells tokenized for scGPT", "token ids of another vocabulary",
      "layer the model lacks", "truncated tokenized file", "negative shard", "sources without feature column",
-     "truncated shard", "annotation of another SAE", "empty metrics", "CSV as an edge table"],
+     "truncated shard", "annotation of another SAE", "empty metrics", "coherence JSON as an edge summary",
+     "CSV as an edge table"],
 )
 def test_bad_input_is_one_clear_line(bad_inputs, case, capsys):
     """In-process (the subprocess tests above cover the entry point): any exception other than the CLI's

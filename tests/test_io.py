@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from ctrace.errors import CtraceInputError
-from ctrace.io import read_json, read_table, write_parquet, write_tsv
+from ctrace.io import read_json, read_table, write_json, write_parquet, write_tsv
 
 
 def test_read_table_reads_tsv_and_parquet(tmp_path):
@@ -45,3 +45,9 @@ def test_read_json_checks_object_and_keys(tmp_path):
     path.write_text("{")
     with pytest.raises(CtraceInputError, match="m.json: not valid JSON"):
         read_json(path, "metrics")
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(CtraceInputError, match="a_file/out.json: cannot write here"):
+        write_json(tmp_path / "a_file" / "out.json", {})

@@ -512,16 +512,26 @@ def cmd_report(args) -> None:
     from ctrace.io import read_json, read_table
     from ctrace.report import ReportInputs, write_report
 
-    def jsons(paths, what: str, keys: list[str]):
-        return [read_json(p, what, keys) for p in paths or []]
+    def jsons(paths, what: str, keys: list[str], per_mode_key: str | None = None):
+        """JSON inputs of one kind; `per_mode_key`: a key each mode's record must have (tells the kinds apart)."""
+        objs = [read_json(p, what, keys) for p in paths or []]
+        for path, obj in zip(paths or [], objs):
+            if per_mode_key and not all(isinstance(obj[m], dict) and per_mode_key in obj[m] for m in MODES):
+                raise CtraceInputError(f"{path}: its {'/'.join(MODES)} records lack {per_mode_key!r}; expected {what}")
+        return objs
 
     inputs = ReportInputs(
-        summaries=jsons(args.summaries, "an edge summary JSON (edges --summary-json)", ["model", "condition", *MODES]),
+        summaries=jsons(
+            args.summaries, "an edge summary JSON (edges --summary-json)", ["model", "condition", *MODES],
+            "abs_d_bin_edges",
+        ),
         sae_quality=read_table(
             args.sae_quality, "the SAE quality table (sae-quality output)", ["model", "layer", "heldout_fvu"]
         ),
         edges=_read_tables(args.edges, EDGE_TABLE),
-        coherence=jsons(args.coherence, "a coherence JSON (coherence --out-json)", ["model", "condition", *MODES]),
+        coherence=jsons(
+            args.coherence, "a coherence JSON (coherence --out-json)", ["model", "condition", *MODES], "n_edges_tested"
+        ),
         consensus=jsons(args.consensus, "a consensus JSON (consensus --out)", ["model_a", "model_b", *MODES]),
         validation=jsons(args.validation, "a validation JSON (validate --out)", ["model", "condition", "result"]),
         top_edges=pd.concat(

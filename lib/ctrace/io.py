@@ -33,11 +33,14 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     `suffix` defaults to the target's own suffix, so writers that dispatch on extension still work.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=f".tmp{suffix if suffix is not None else target.suffix}",
-        dir=target.parent,
-    )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=f".tmp{suffix if suffix is not None else target.suffix}",
+            dir=target.parent,
+        )
+    except OSError as err:
+        raise CtraceInputError(f"{target}: cannot write here ({err.strerror}); choose a writable output path") from None
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results should be readable like any file
