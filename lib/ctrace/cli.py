@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -17,40 +18,24 @@ from ctrace.errors import CtraceInputError
 log = logging.getLogger("ctrace")
 
 
-def _count(minimum: int):
-    """argparse type: an integer ≥ minimum (counts, sizes, indices), refused with a clear message otherwise."""
+def _bounded(convert: type, low: float, high: float = math.inf):
+    """argparse type: `convert(text)` within [low, high] (counts, indices, thresholds), else a clear message."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below the minimum {minimum}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if convert is int else 'a number'}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{value} is above the maximum {high}")
         return value
 
     return parse
 
 
-POSITIVE, NON_NEGATIVE = _count(1), _count(0)
-
-
-def _in_range(low: float, high: float):
-    """argparse type: a number in [low, high] (thresholds), refused with a clear message otherwise."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is outside [{low}, {high}]")
-        return value
-
-    return parse
-
-
-FRACTION = _in_range(0.0, 1.0)
+POSITIVE, NON_NEGATIVE, FRACTION = _bounded(int, 1), _bounded(int, 0), _bounded(float, 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +406,7 @@ def _load_cells(path: str, backend):
     from ctrace.tokenize import TokenizedCells
 
     cells = TokenizedCells.load(path)
-    wants_values = backend.name == "scgpt"
+    wants_values = backend.pad_value is not None  # the back-ends that collate per-token values
     if (cells.values is not None) != wants_values:
         other = "Geneformer" if wants_values else "scGPT"
         raise CtraceInputError(f"{path}: cells tokenized for {other}, not {backend.name}; pass this model's tokenize output")
@@ -686,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", nargs="+", required=True, help="merged statistics, one per source layer")
     p.add_argument("--min-n", type=POSITIVE, default=3)
     p.add_argument("--q", type=FRACTION, default=0.05)
-    p.add_argument("--min-abs-d", type=_in_range(0.0, float("inf")), default=0.5)
+    p.add_argument("--min-abs-d", type=_bounded(float, 0.0), default=0.5)
     p.add_argument("--min-consistency", type=FRACTION, default=0.7)
     p.add_argument("--reference-top-k", type=POSITIVE, default=50)
     p.add_argument("--out-corrected", required=True)
