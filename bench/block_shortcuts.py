@@ -1,12 +1,12 @@
 """Benchmark: the sweep's two block shortcuts on and off, same code, same run.
 
 The shortcuts (ctrace.models.base.PostLNBlock): block L+1 projects q/k/v only on the clean row and at the
-positions the ablation edits (`changed_at`), and the last target block runs only at the read positions
+positions the ablation edits (`Edits`), and the last target block runs only at the read positions
 (`block_at`). "Off" wraps the back-end so that the hint is dropped and the last block runs whole (the
 Backend defaults). Both runs must give the same statistics (≤ 1e-5); the exit status is 1 otherwise.
 
 Tiny randomly initialised Geneformer and scGPT in the official formats (tests/model_fixtures.py), 4 blocks,
-d 128, 4 heads, SAEs 4× wide with k 16, 16 source features, one pass per cell:
+d 128, 4 heads, SAEs 4× wide with k 16, 16 source features:
   PYTHONPATH=lib python bench/block_shortcuts.py --threads 1
 Each configuration is timed --repeats times (interleaved on/off) and the medians are compared.
 """
@@ -33,13 +33,13 @@ from sweep_vs_reference import STAT_NAMES, DelegatingBackend, fitted_saes  # noq
 
 
 class WholeBlocks(DelegatingBackend):
-    """The sweep without its block shortcuts: the `changed_at` hint is dropped and the last block runs whole
+    """The sweep without its block shortcuts: the `Edits` hint is dropped and the last block runs whole
     (the Backend defaults)."""
 
-    def run_blocks(self, h, batch, start, stop, changed_at=None):
+    def run_blocks(self, h, batch, start, stop, edits=None):
         return self.inner.run_blocks(h, batch, start, stop)
 
-    def block_at(self, h, batch, layer, rows_N, pos_N, changed_at=None):
+    def block_at(self, h, batch, layer, rows_N, pos_N, edits=None):
         return Backend.block_at(self, h, batch, layer, rows_N, pos_N)
 
 

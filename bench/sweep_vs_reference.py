@@ -11,13 +11,15 @@ differences averaged in a Python loop, a Welford update. Both paths must give th
 Small benchmark (default): a tiny randomly initialised Geneformer in the official format
 (tests/model_fixtures.py + ctrace.models.load_backend), 4 blocks, d 64, 1,000-gene vocabulary (so the MLM
 head costs about a block, as in the real model), ~80-token cells, SAEs 4× wide with k 16.
-  PYTHONPATH=lib python bench/sweep_vs_reference.py --threads 1 --source-layers 0,1,2 [--device cuda]
+  PYTHONPATH=lib python bench/sweep_vs_reference.py --threads 2 --source-layers 0,1,2 [--device cuda]
 The sweep runs with SweepConfig(features_per_batch=--features-per-batch (default: all source features, one
-group), ablations_per_batch=--ablations-per-batch (default 32)): per cell one pass of ≤ 32 ablated rows + 1
-clean row, block L+1's q/k/v only at the edited positions and the last target block only at the read
-positions (Backend changed_at, block_at). Each side is timed --repeats times (default 3); the medians are
-compared, and the sweep's repeats must give bit-identical statistics.
-On a shared CPU use --threads 1: with tiny matrices, idle-spinning OpenMP threads make timings meaningless.
+group), ablations_per_batch=--ablations-per-batch (default 64), cells_per_clean_pass=--cells-per-clean-pass
+(default 32, i.e. all 24 cells)): one clean pass of blocks 0..L for the cells, then passes of ≤ 64 ablated
+rows of cells of similar length + one clean row per cell, block L+1's q/k/v only at the edited positions
+and the last target block only at the read positions (Backend Edits, block_at). Each side is timed
+--repeats times (default 5); the medians are compared, and the sweep's repeats must give bit-identical
+statistics. --threads sets torch's intra-op threads for both sides (2 = both cores of the 2-core CI machine;
+1 shows the single-core ratio).
 `--real-size`: a randomly initialised Geneformer V2-316M-shaped model (18 layers, d 1152, 18 heads, ffn
 4608), ~2000-gene cells, 30 source features × 200 cells at source layer 0; reports forward passes per
 second against the reference's 1.46 s per pass, and, on the first --reference-cells cells (default 2), the
@@ -52,7 +54,7 @@ from ctrace.edges import MODES, edge_statistics, edge_table, summarize_edges  # 
 from ctrace.models import load_backend  # noqa: E402
 from ctrace.models.base import Backend, Batch  # noqa: E402
 from ctrace.sae import SAEShape, TopKSAE  # noqa: E402
-from ctrace.trace import SweepConfig, SweepStats, run_sweep  # noqa: E402
+from ctrace.trace import SweepConfig, SweepStats, _passes_of_chunk, run_sweep  # noqa: E402
 
 REFERENCE_S_PER_PASS = 1.46  # method.md §9: 7.5 h / 24,776 passes (Apple-Silicon GPU, batch 1, fp32)
 STAT_NAMES = ("n_S", "sum_SLG", "sumsq_SLG", "pos_SLG", "neg_SLG")
@@ -265,23 +267,30 @@ def block_flops(T: int, d: int, ffn: int) -> float:
     return T * (8.0 * d * d + 4.0 * d * ffn) + 4.0 * T * T * d
 
 
-def sweep_downstream_flops(cells, fired_per_cell, n_blocks, cfg: SweepConfig, d, ffn) -> float:
-    """Matmul FLOPs of the sweep's ablation passes (the work that has to be done, not counting overheads).
+def sweep_downstream_flops(cells, fired_per_cell, n_sources, n_blocks, cfg: SweepConfig, d, ffn) -> tuple[float, int]:
+    """Matmul FLOPs of the sweep's ablation passes (the work that has to be done, not counting overheads),
+    and Σ rows × tokens × blocks of those passes (must equal the sweep's own `downstream_block_tokens`).
 
-    Per cell and group of cfg.features_per_batch source features with m = fired·(1 + null_draws) ablations:
-    ⌈m / ablations_per_batch⌉ passes, m ablated rows + one clean row each; blocks L+1..stop−1 in full, the
-    last block's keys and values at every position (its queries, read at a few positions, are not counted).
-    fired_per_cell: per cell, the indices (into the source-feature list) of the features that fire.
+    The passes are planned as the sweep plans them (`_passes_of_chunk` per chunk of cfg.cells_per_clean_pass
+    cells): each pass has its cells' clean rows plus ≤ ablations_per_batch ablated rows, right-padded to
+    its longest cell (the padding is counted: the blocks compute it); blocks L+1..stop−1 in full, the last
+    block's keys and values at every position (its queries, read at a few positions, are not counted).
+    fired_per_cell: per cell, the indices (into the list of n_sources source features) of those that fire.
     """
-    total = 0.0
-    for cell, fired in zip(cells, fired_per_cell):
-        T = len(cell.input_ids)
-        groups = np.bincount(np.asarray(fired, dtype=np.int64) // cfg.features_per_batch)
-        for n in groups[groups > 0]:
-            m = int(n) * (1 + cfg.null_draws)
-            rows = m + math.ceil(m / cfg.ablations_per_batch)
+    lengths = np.array([len(c.input_ids) for c in cells])
+    total, block_tokens = 0.0, 0
+    for lo in range(0, len(cells), cfg.cells_per_clean_pass):
+        chunk = range(lo, min(lo + cfg.cells_per_clean_pass, len(cells)))
+        fired_CS = np.zeros((len(chunk), n_sources), dtype=bool)
+        for row, c in enumerate(chunk):
+            fired_CS[row, fired_per_cell[c]] = True
+        chunk_lengths = lengths[lo : lo + len(chunk)]
+        for p in _passes_of_chunk(fired_CS, chunk_lengths, n_sources, cfg):
+            T = int(chunk_lengths[p.cells_m].max())
+            rows = p.cells_m.size + p.dir_I.size
             total += rows * ((n_blocks - 1) * block_flops(T, d, ffn) + T * 4.0 * d * d)
-    return total
+            block_tokens += rows * T * n_blocks
+    return total, block_tokens
 
 
 def matmul_flops_per_s(m: int, k: int, n: int, device: torch.device, bf16: bool, seconds: float = 1.0) -> float:
@@ -327,11 +336,11 @@ class DelegatingBackend(Backend):
     def embed(self, batch):
         return self.inner.embed(batch)
 
-    def run_blocks(self, h, batch, start, stop, changed_at=None):
-        return self.inner.run_blocks(h, batch, start, stop, changed_at)
+    def run_blocks(self, h, batch, start, stop, edits=None):
+        return self.inner.run_blocks(h, batch, start, stop, edits)
 
-    def block_at(self, h, batch, layer, rows_N, pos_N, changed_at=None):
-        return self.inner.block_at(h, batch, layer, rows_N, pos_N, changed_at)
+    def block_at(self, h, batch, layer, rows_N, pos_N, edits=None):
+        return self.inner.block_at(h, batch, layer, rows_N, pos_N, edits)
 
 
 class TimedBackend(DelegatingBackend):
@@ -341,21 +350,21 @@ class TimedBackend(DelegatingBackend):
         super().__init__(inner)
         self.source_layer, self.block_s = source_layer, 0.0
 
-    def block_at(self, h, batch, layer, rows_N, pos_N, changed_at=None):
+    def block_at(self, h, batch, layer, rows_N, pos_N, edits=None):
         sync = torch.cuda.synchronize if torch.device(self.device).type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        out = self.inner.block_at(h, batch, layer, rows_N, pos_N, changed_at)
+        out = self.inner.block_at(h, batch, layer, rows_N, pos_N, edits)
         sync()
         self.block_s += time.perf_counter() - t0
         return out
 
-    def run_blocks(self, h, batch, start, stop, changed_at=None):
+    def run_blocks(self, h, batch, start, stop, edits=None):
         if start <= self.source_layer:
-            yield from self.inner.run_blocks(h, batch, start, stop, changed_at)
+            yield from self.inner.run_blocks(h, batch, start, stop, edits)
             return
         sync = torch.cuda.synchronize if torch.device(self.device).type == "cuda" else (lambda: None)
-        it = self.inner.run_blocks(h, batch, start, stop, changed_at)
+        it = self.inner.run_blocks(h, batch, start, stop, edits)
         while True:
             sync()
             t0 = time.perf_counter()
@@ -494,7 +503,10 @@ def run_small(args) -> dict:
     )
     feats = list(range(0, args.sae_features, max(1, args.sae_features // args.features)))[: args.features]
     cfg = SweepConfig(
-        features_per_batch=args.features_per_batch or len(feats), ablations_per_batch=args.ablations_per_batch, seed=0
+        features_per_batch=args.features_per_batch or len(feats),
+        ablations_per_batch=args.ablations_per_batch,
+        cells_per_clean_pass=args.cells_per_clean_pass,
+        seed=0,
     )
     median_T = int(np.median([len(c.input_ids) for c in cells]))
     peak = matmul_flops_per_s(
@@ -519,9 +531,10 @@ def run_small(args) -> dict:
         ref_s = float(np.median([info["wall_time_s"] for _, info in refs]))
         ref = to_stats(ref_raw, stats, ref_s)
         cmp = compare_stats(stats, ref)
-        flops = sweep_downstream_flops(
+        flops, block_tokens = sweep_downstream_flops(
             cells,
             ref_info["fired_per_cell"],
+            len(feats),
             targets[-1] - L,
             cfg,
             backend.d_model,
@@ -529,6 +542,7 @@ def run_small(args) -> dict:
         )
         ok = all(v <= 1e-5 for v in cmp["max_abs_diff"].values()) and all(s for _, s in cmp["edges"].values())
         ok &= repeats_identical
+        ok &= block_tokens == stats.downstream_block_tokens  # the FLOP count describes the passes that ran
         agree &= ok
         per_layer.append(
             {
@@ -611,11 +625,16 @@ def run_real_size(args) -> dict:
     feats = list(range(0, 4 * 1152, (4 * 1152) // args.features))[: args.features]
     plant_readers(saes, L, feats, targets)
     fired = fired_sets(backend, saes, cells, L, feats)
-    cfg = SweepConfig(features_per_batch=args.features_per_batch, ablations_per_batch=args.ablations_per_batch, seed=0)
+    cfg = SweepConfig(
+        features_per_batch=args.features_per_batch,
+        ablations_per_batch=args.ablations_per_batch,
+        cells_per_clean_pass=args.cells_per_clean_pass,
+        seed=0,
+    )
     run_sweep(backend, saes, cells[:1], L, feats[:2], targets, cfg)  # warm-up (kernels, allocator)
     timed = TimedBackend(backend, L)
     stats = run_sweep(timed, saes, cells, L, feats, targets, cfg)
-    flops = sweep_downstream_flops(cells, fired, targets[-1] - L, cfg, 1152, 4608)
+    flops, _ = sweep_downstream_flops(cells, fired, len(feats), targets[-1] - L, cfg, 1152, 4608)
     median_T = int(np.median([len(c.input_ids) for c in cells]))
     peak = matmul_flops_per_s((args.ablations_per_batch + 1) * median_T, 1152, 4608, device, bf16=False)
     passes_per_s = stats.forward_passes / stats.wall_time_s
@@ -732,6 +751,9 @@ def main(argv=None) -> int:
         help="SweepConfig.features_per_batch (default: all source features in one group; --real-size: 16)",
     )
     ap.add_argument("--ablations-per-batch", type=int, default=None, help="SweepConfig.ablations_per_batch")
+    ap.add_argument(
+        "--cells-per-clean-pass", type=int, default=SweepConfig.cells_per_clean_pass, help="SweepConfig.cells_per_clean_pass"
+    )
     ap.add_argument("--min-len", type=int, default=None)
     ap.add_argument("--max-len", type=int, default=None)
     ap.add_argument("--layers", type=int, default=4, help="small model: blocks")
@@ -753,7 +775,7 @@ def main(argv=None) -> int:
         help="--real-size: also run the reference loop on this many cells (0: skip) for a same-machine baseline",
     )
     ap.add_argument(
-        "--repeats", type=int, default=3, help="small model: time each side this many times and keep the median"
+        "--repeats", type=int, default=5, help="small model: time each side this many times and keep the median"
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -769,7 +791,7 @@ def main(argv=None) -> int:
             "max_len": 2100,
         }
         if args.real_size
-        else {"cells": 24, "features": 16, "ablations_per_batch": 32, "min_len": 40, "max_len": 120}
+        else {"cells": 24, "features": 16, "ablations_per_batch": 64, "min_len": 40, "max_len": 120}
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:

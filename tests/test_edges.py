@@ -264,7 +264,7 @@ class Planted(Backend):
     def embed(self, batch: Batch) -> torch.Tensor:
         return self.tok_VD[batch.input_ids_BT]
 
-    def run_blocks(self, h_BTD, batch, start, stop, changed_at=None) -> Iterator[tuple[int, torch.Tensor]]:
+    def run_blocks(self, h_BTD, batch, start, stop, edits=None) -> Iterator[tuple[int, torch.Tensor]]:
         for i in range(start, stop + 1):
             if i == 1:
                 keep = batch.keep_BT.to(h_BTD.dtype)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ctrace.errors import CtraceInputError
 from ctrace.models import GeneformerBackend, ScGPTBackend, load_backend
+from ctrace.models.base import Edits
 from ctrace.vocab import load_geneformer_dictionaries, load_scgpt_vocab
 from model_fixtures import (
     have_real_geneformer_dicts,
@@ -563,52 +564,55 @@ def test_scgpt_block_at_matches_official_layers(sc, padded):
         assert (at_ND - official[layer][rows_N, pos_N]).abs().max().item() <= ATOL
 
 
-# ---- both back-ends: the `changed_at` hint (rows equal to row 0 except at listed pairs) -------------------------
+# ---- both back-ends: the `Edits` hint (rows that copy base rows except at listed pairs) ------------------------
 def _edited_copies(backend, seed: int):
-    """A cell in row 0 and 4 copies of it, each edited at a few positions; row 4's one edit is 0."""
-    cell = random_cells(backend, 1, 24, 24, seed=seed)[0]
-    batch = backend.collate([cell] * 5)
-    rows_N = torch.tensor([1, 1, 2, 3, 3, 3, 4])
+    """Two cells of different lengths in base rows 0 and 1 (right-padded), then copies of them edited at a
+    few positions: rows 2, 3 copy row 0, rows 4, 5 copy row 1; row 5's one edit is 0."""
+    short, long = random_cells(backend, 1, 17, 17, seed=seed)[0], random_cells(backend, 1, 24, 24, seed=seed + 1)[0]
+    batch = backend.collate([short, long, short, short, long, long])
+    rows_N = torch.tensor([2, 2, 3, 4, 4, 4, 5])
     pos_N = torch.tensor([3, 9, 5, 1, 2, 20, 7])
     edit_ND = torch.randn(rows_N.numel(), backend.d_model, generator=torch.Generator().manual_seed(seed))
     edit_ND[-1] = 0.0
     with torch.no_grad():
         h_BTD = backend.embed(batch).clone()
     h_BTD[rows_N, pos_N] += edit_ND
-    return batch, h_BTD, (rows_N, pos_N)
+    edits = Edits(bases_K=torch.tensor([0, 1]), slot_B=torch.tensor([0, 1, 0, 0, 1, 1]), rows_N=rows_N, pos_N=pos_N)
+    return batch, h_BTD, edits
 
 
-def _check_changed_at(backend, seed: int) -> None:
-    """With the hint, run_blocks and block_at give the dense results; row 4 (edit 0) stays bit-identical
-    to row 0; and the hint is really used: an edit at an unlisted position is not seen by q/k/v."""
-    batch, h_BTD, changed_at = _edited_copies(backend, seed)
-    read_rows = torch.tensor([0, 0, 1, 2, 3, 4, 4])
-    read_pos = torch.tensor([7, 12, 9, 5, 20, 7, 15])  # (0, 7) and (4, 7) read the same state
+def _check_edits(backend, seed: int) -> None:
+    """With the hint, run_blocks and block_at give the dense results; row 5 (edit 0) stays bit-identical
+    to its base row 1; and the hint is really used: an edit at an unlisted position is not seen by q/k/v."""
+    batch, h_BTD, edits = _edited_copies(backend, seed)
+    read_rows = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5, 5])
+    read_pos = torch.tensor([7, 12, 9, 7, 9, 5, 20, 7, 15])  # (1, 7) and (5, 7) read the same state
     last = backend.n_layers - 1
     with torch.no_grad():
         for layer in range(backend.n_layers):
             dense = dict(backend.run_blocks(h_BTD, batch, layer, last))
-            sparse = dict(backend.run_blocks(h_BTD, batch, layer, last, changed_at))
+            sparse = dict(backend.run_blocks(h_BTD, batch, layer, last, edits))
+            keep = batch.keep_BT
             for index in dense:
-                assert (dense[index] - sparse[index]).abs().max().item() <= ATOL
-                assert torch.equal(sparse[index][4], sparse[index][0])
-            at = backend.block_at(h_BTD, batch, layer, read_rows, read_pos, changed_at)
+                assert (dense[index] - sparse[index])[keep].abs().max().item() <= ATOL
+                assert torch.equal(sparse[index][5], sparse[index][1])
+            at = backend.block_at(h_BTD, batch, layer, read_rows, read_pos, edits)
             assert (at - dense[layer][read_rows, read_pos]).abs().max().item() <= ATOL
-            assert torch.equal(at[5], at[0])
+            assert torch.equal(at[7], at[3])
             broken_BTD = h_BTD.clone()
-            broken_BTD[2, 11] += 10.0  # outside the promise
+            broken_BTD[3, 11] += 10.0  # outside the promise
             ((_, honest),) = backend.run_blocks(broken_BTD, batch, layer, layer)
-            ((_, hinted),) = backend.run_blocks(broken_BTD, batch, layer, layer, changed_at)
-            assert (honest[2] - hinted[2]).abs().max().item() > 100 * ATOL
-            assert (honest[1] - hinted[1]).abs().max().item() <= ATOL
+            ((_, hinted),) = backend.run_blocks(broken_BTD, batch, layer, layer, edits)
+            assert (honest[3] - hinted[3])[keep[3]].abs().max().item() > 100 * ATOL
+            assert (honest[2] - hinted[2])[keep[2]].abs().max().item() <= ATOL
 
 
-def test_geneformer_changed_at_hint(gf):
-    _check_changed_at(gf, seed=11)
+def test_geneformer_edits_hint(gf):
+    _check_edits(gf, seed=11)
 
 
-def test_scgpt_changed_at_hint(sc):
-    _check_changed_at(sc, seed=12)
+def test_scgpt_edits_hint(sc):
+    _check_edits(sc, seed=12)
 
 
 def test_scgpt_expr_prediction_and_gene_mask(sc):

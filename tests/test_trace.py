@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,6 +16,7 @@ from ctrace.errors import CtraceInputError
 from ctrace.models.base import Backend, Batch, Cell
 from ctrace.sae import SAEShape, TopKSAE
 from ctrace.trace import (
+    _passes_of_chunk,
     SweepConfig,
     SweepStats,
     merge_stats,
@@ -92,7 +94,7 @@ class ToyTransformer(Backend):
     def _mlp(self, p, x):
         return F.linear(torch.relu(F.linear(x, p["W1"], p["b1"])), p["W2"], p["b2"])
 
-    def run_blocks(self, h_BTD, batch, start, stop, changed_at=None) -> Iterator[tuple[int, torch.Tensor]]:
+    def run_blocks(self, h_BTD, batch, start, stop, edits=None) -> Iterator[tuple[int, torch.Tensor]]:
         D = self.d_model
         for i in range(start, stop + 1):
             p = self.blocks[i]
@@ -219,6 +221,50 @@ def test_batched_sweep_equals_one_at_a_time(toy, response):
     assert stats.null_forward_passes == 2 * stats.n_S.sum()
 
 
+@pytest.mark.parametrize("cells_per_clean_pass", [1, 3])
+def test_clean_pass_chunks_do_not_change_the_statistics(toy, cells_per_clean_pass):
+    """Chunks of 1 (no padding) or 3 cells (padded clean passes; passes packing 1-3 cells) give the
+    one-at-a-time statistics too, and the no-op control stays exactly 0."""
+    backend, cells, saes = toy
+    feats = [0, 3, 5, 11]
+    cfg = SweepConfig(ablations_per_batch=7, null_draws=1, seed=3, cells_per_clean_pass=cells_per_clean_pass)
+    stats = run_sweep(backend, saes, cells, 0, feats, [1, 2], cfg)
+    ref = sweep_one_at_a_time(backend, saes, cells, 0, feats, [1, 2], null_draws=1, seed=3)
+    for name in STAT_NAMES:
+        assert np.abs(getattr(stats, name) - ref[name]).max() <= 1e-5, name
+    zero = run_sweep(backend, saes, cells, 0, feats, [1, 2], dataclasses.replace(cfg, ablation_scale=0.0))
+    _assert_exactly_zero(zero)
+
+
+def test_passes_of_chunk_cover_every_item_once():
+    """Every (cell, fired feature) item and its null draws run exactly once; a pass holds ≤ cap ablated rows
+    of one feature group, each of its cells once (clean row) with a contiguous run of distinct items, and
+    cells come in order of length."""
+    rng = np.random.default_rng(0)
+    n_cells, S, R, fpb, cap = 9, 10, 2, 4, 7
+    fired_CS = rng.random((n_cells, S)) < 0.5
+    lengths_C = rng.integers(5, 30, n_cells)
+    cfg = SweepConfig(features_per_batch=fpb, ablations_per_batch=cap, null_draws=R)
+    passes = _passes_of_chunk(fired_CS, lengths_C, S, cfg)
+    seen = []
+    for p in passes:
+        assert 0 < p.dir_I.size <= cap and len(set(p.cells_m.tolist())) == p.cells_m.size
+        assert np.array_equal(p.base_I, np.repeat(np.arange(p.cells_m.size), np.diff(p.segments_m)))
+        groups = {int(s) // fpb for s in p.src_I}
+        assert len(groups) == 1
+        assert p.n_real == int((p.dir_I < S).sum())
+        for j, c in enumerate(p.cells_m):
+            lo, hi = p.segments_m[j], p.segments_m[j + 1]
+            assert hi > lo and np.unique(p.dir_I[lo:hi]).size == hi - lo
+            for d, s in zip(p.dir_I[lo:hi], p.src_I[lo:hi]):
+                assert fired_CS[c, s] and (d == s or (d - S) // R == s)
+                seen.append((int(c), int(d)))
+        assert np.all(np.diff(lengths_C[p.cells_m]) >= 0)
+    expected = [(c, s) for c in range(n_cells) for s in range(S) if fired_CS[c, s]]
+    expected += [(c, S + s * R + r) for c, s in expected for r in range(R)]
+    assert sorted(seen) == sorted(expected)
+
+
 @pytest.mark.parametrize("source, targets", [(1, [2]), (0, [2])])
 def test_middle_source_layer_and_unmeasured_layers(toy, source, targets):
     backend, cells, saes = toy
@@ -228,12 +274,17 @@ def test_middle_source_layer_and_unmeasured_layers(toy, source, targets):
     assert stats.n_S.sum() > 0
     for name in STAT_NAMES:
         assert np.abs(getattr(stats, name) - ref[name]).max() <= 1e-5, name
-    # clean pass: blocks 0..L of each cell; one ablation batch per cell: blocks L+1..2, ablations + 1 clean row
+    # clean passes: blocks 0..L of chunks of cfg.cells_per_clean_pass cells, right-padded to the chunk's
+    # longest; one ablation batch per cell: blocks L+1..2, ablations + 1 clean row
     lengths = np.array([len(c.input_ids) for c in cells])
-    assert stats.clean_block_tokens == lengths.sum() * (source + 1)
-    assert stats.clean_passes == len(cells) + (stats.n_S.sum() > 0) * np.count_nonzero(
-        [any(_fires(backend, saes[source], c, source, f) for f in [2, 4, 6, 8]) for c in cells]
-    )
+    chunk = cfg.cells_per_clean_pass
+    padded = sum(lengths[i : i + chunk].max() * lengths[i : i + chunk].size for i in range(0, len(cells), chunk))
+    assert stats.clean_block_tokens == padded * (source + 1)
+    # one clean row per cell in each ablation pass that holds it: every firing cell at least once, and a
+    # cell more than once only where the items (n_S · (1 + null_draws), one group) are cut into passes of ≤ 64
+    firing = np.count_nonzero([any(_fires(backend, saes[source], c, source, f) for f in [2, 4, 6, 8]) for c in cells])
+    n_passes = -(-int(stats.n_S.sum()) * 2 // 64)
+    assert firing <= stats.clean_passes - len(cells) <= firing + n_passes - 1
 
 
 def _fires(backend, sae, cell, layer, feature) -> bool:
@@ -247,20 +298,20 @@ def test_stops_at_last_target_layer():
     class Counting(ToyTransformer):
         ran: list
 
-        def run_blocks(self, h, batch, start, stop, changed_at=None):
+        def run_blocks(self, h, batch, start, stop, edits=None):
             self.ran.append((start, stop, h.shape[0]))
-            return super().run_blocks(h, batch, start, stop, changed_at)
+            return super().run_blocks(h, batch, start, stop, edits)
 
     backend = Counting(n_layers=4, seed=0)
     backend.ran = []
     cells = toy_cells(3, seed=1)
     saes = fitted_saes(backend, cells, [0, 1, 2, 3])
     backend.ran.clear()
-    run_sweep(backend, saes, cells, 1, [0, 1, 2], [2], SweepConfig(ablations_per_batch=8))
+    run_sweep(backend, saes, cells, 1, [0, 1, 2], [2], SweepConfig(ablations_per_batch=8, cells_per_clean_pass=2))
     assert backend.ran, "nothing was run"
-    # clean passes: blocks 0..1 with one row; ablation batches: blocks 2..2 only, never block 3 or 0..1
+    # clean passes: blocks 0..1 of chunks of 2 cells; ablation batches: blocks 2..2 only, never block 3 or 0..1
     assert all((start, stop) in ((0, 1), (2, 2)) for start, stop, _ in backend.ran)
-    assert all(rows == 1 for start, _, rows in backend.ran if start == 0)
+    assert [rows for start, _, rows in backend.ran if start == 0] == [2, 1]
 
 
 def _assert_exactly_zero(stats) -> None:

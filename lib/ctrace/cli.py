@@ -320,7 +320,8 @@ def cmd_sweep(args) -> None:
     cells = [cells_file.cell(i) for i in range(len(cells_file))]
     targets = [layer for layer in sorted(saes) if layer > args.layer]
     cfg = SweepConfig(features_per_batch=args.features_per_batch, ablations_per_batch=args.ablations_per_batch,
-                      response=args.response, null_draws=args.null_draws, seed=args.seed)
+                      cells_per_clean_pass=args.cells_per_clean_pass, response=args.response,
+                      null_draws=args.null_draws, seed=args.seed)
     stats = run_sweep(backend, saes, cells, args.layer, shard, targets, cfg)
     stats.save(args.out)
     log.info("layer %d shard %d: %d source features, %d ablated passes in %.1fs", args.layer, args.shard,
@@ -654,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-per-batch", type=POSITIVE, default=8,
                    help="consecutive source features of the shard whose ablations share forward passes")
     p.add_argument("--ablations-per-batch", type=POSITIVE, default=32, help="cap on ablated rows per forward pass")
+    p.add_argument("--cells-per-clean-pass", type=POSITIVE, default=32,
+                   help="cells per clean pass (blocks 0..L) and per window in which passes pack cells of similar length")
     p.add_argument("--response", default="firing", choices=["firing", "all"])
     p.add_argument("--null-draws", type=NON_NEGATIVE, default=0)
     p.add_argument("--seed", type=int, default=0)

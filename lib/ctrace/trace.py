@@ -5,22 +5,25 @@ h'_L = h_L − z_f · W_dec[:, f] at f's firing positions; blocks L+1..max(targe
 δ_g = mean over the response positions of (a_ℓ,g − c_ℓ,g), a/c = SAE codes of the ablated/clean h_ℓ.
 
 How the work is laid out (the levers of §10):
-- one clean pass per cell, blocks 0..L only (h_L and the source codes);
-- the source-feature list is cut into groups of `features_per_batch` consecutive features; the ablations
-  (real and null) of one cell and one group go into passes of identical rows (no padding) of at most
-  `ablations_per_batch` ablated rows, each pass carrying one unablated copy of the cell; δ is taken
-  against that in-batch copy, so batch-size-dependent numerics cancel. A pass never mixes groups, so a
-  feature's statistics are bit-identical in every run whose group holds the same features (shards cut at
-  multiples of features_per_batch merge to exactly the single run);
+- cells go in chunks of `cells_per_clean_pass`; one clean pass per chunk (right-padded), blocks 0..L only,
+  and one source-SAE encode of all its gene positions;
+- the source-feature list is cut into groups of `features_per_batch` consecutive features. Per chunk and
+  group, the ablations (real and null) of the chunk's cells are packed, cells in order of length, into
+  passes of at most `ablations_per_batch` ablated rows, each pass carrying one unablated copy of each of
+  its cells (so cells of similar length share a pass: little padding, and the per-pass costs are shared
+  by several cells); δ is taken against the in-batch copy, so batch-size-dependent numerics cancel. A
+  pass never mixes groups, so a feature's statistics are bit-identical in every run whose group holds the
+  same features (shards cut at multiples of features_per_batch merge to exactly the single run);
 - blocks 0..L are never re-run; blocks L+1..stop−1 run in full and the last target block only at the
   positions that are read (`Backend.block_at`: keys/values everywhere, the rest at those queries);
   nothing after the last target layer is run;
-- the ablated rows differ from the clean row only where their feature fires, so block L+1 projects
-  q/k/v on the clean row and at those positions only (`changed_at` of `Backend.run_blocks`/`block_at`);
+- the ablated rows differ from their clean row only where their feature fires, so block L+1 projects
+  q/k/v on the clean rows and at those positions only (`Edits` of `Backend.run_blocks`/`block_at`);
 - ablated states are SAE-encoded only at the positions where the response is read; the in-batch clean
-  copy only at the union of those positions (one encode for both, so identical states give identical codes);
+  copies only at the union of those positions (one encode for both, so identical states give identical codes);
 - (cell, feature) pairs where the feature never fires are skipped (they contribute n = 0).
-Statistics are float64 sums (int64 counts) so shards over source features merge exactly (`merge_stats`).
+Statistics are float64 sums and counts, added per cell in a fixed order (deterministic on GPUs too), so
+shards over source features merge exactly (`merge_stats`).
 
 Null control: per source feature, `null_draws` random unit directions u_r (seeded by (seed, layer, f, r)
 only, so they do not depend on sharding) ablated as h' = h − z_f ‖W_dec[:, f]‖ u_r: the same positions and
@@ -41,7 +44,7 @@ import torch
 
 from ctrace.errors import CtraceInputError
 from ctrace.io import UNREADABLE_FILE_ERRORS, write_npz
-from ctrace.models.base import Backend, Cell
+from ctrace.models.base import Backend, Batch, Cell, Edits
 from ctrace.sae import TopKSAE
 
 RESPONSES = ("firing", "all")
@@ -63,6 +66,9 @@ class SweepConfig:
     features of the run: sharding the list at multiples of features_per_batch reproduces the single run
     exactly. ablations_per_batch: at most this many ablated sequences per forward pass (plus the cell's one
     clean copy); a cell's ablations of one group are split into passes of that size (a memory cap).
+    cells_per_clean_pass: the clean passes (blocks 0..L) and source encodes run on consecutive chunks of
+    this many cells (right-padded); a cell's clean h_L depends on its chunk only to float rounding, and the
+    chunks depend on the cell list only, so shards of one sweep stay bit-compatible.
     ablation_scale: multiplies the removed contribution (1 = zero-ablation; 0 = a no-op control whose
     δ must be exactly 0). autocast_bf16: run the transformer blocks under bf16 autocast (GPU only; the
     SAE encodes and δ stay fp32); check edge agreement with fp32 before relying on it.
@@ -70,6 +76,7 @@ class SweepConfig:
 
     features_per_batch: int = 8
     ablations_per_batch: int = 32
+    cells_per_clean_pass: int = 32
     response: str = "firing"
     null_draws: int = 0
     seed: int = 0
@@ -78,7 +85,7 @@ class SweepConfig:
     autocast_bf16: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("features_per_batch", "ablations_per_batch"):
+        for name in ("features_per_batch", "ablations_per_batch", "cells_per_clean_pass"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise CtraceInputError(f"sweep: {name} must be an integer ≥ 1, got {value!r}")
@@ -199,8 +206,8 @@ class SweepStats:
     backend: str = ""
     forward_passes: int = 0  # ablated sequences run (real source features)
     null_forward_passes: int = 0  # ablated sequences run for the null directions
-    clean_passes: int = 0  # clean sequences run: one per cell (blocks 0..L) + one per ablation batch
-    clean_block_tokens: int = 0  # Σ tokens × blocks of the per-cell clean passes (blocks 0..L)
+    clean_passes: int = 0  # clean sequences run: one per cell (blocks 0..L) + one per cell of each ablation pass
+    clean_block_tokens: int = 0  # Σ (padded) tokens × blocks of the cells' clean passes (blocks 0..L)
     downstream_block_tokens: int = 0  # Σ rows × tokens × blocks of the ablation batches (blocks L+1..)
     wall_time_s: float = 0.0
 
@@ -367,7 +374,7 @@ class _Plan:
     dir_ID: torch.Tensor  # ablation directions: real (s < S) then null (S + s·R + r), scale applied
     response: str
     amp: dict
-    acc: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # Σδ, Σδ², #δ>0, #δ<0 (item, ℓ, g)
+    acc_IXLG: torch.Tensor  # float64 (item, [Σδ, Σδ², #δ>0, #δ<0], target layer, target feature)
 
 
 def _sae_on(sae: TopKSAE, device: torch.device) -> TopKSAE:
@@ -406,24 +413,71 @@ def _check_inputs(
     return widths.pop()
 
 
-def _passes_of_cell(fired_S: np.ndarray, n_sources: int, cfg: SweepConfig) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """The ablation passes of one cell: (direction rows, source columns, #real) of each pass's ablated rows.
+@dataclass(frozen=True)
+class _Pass:
+    """One ablation pass (internal): the clean rows of `cells_m` (chunk-local cell indices), then the
+    ablated rows; ablated row i copies clean row base_I[i] and removes direction dir_I[i] scaled by the
+    codes of source column src_I[i]. segments_m: the ablated rows of each clean row are base_I ==
+    j, a contiguous run [segments_m[j], segments_m[j+1])."""
 
-    fired_S: ascending indices, into the source-feature list handed to `run_sweep` (n_sources entries), of
-    the features that fire in the cell. Features go in groups [g·fpb, (g+1)·fpb) of that list; a group's
-    items are its fired features' real ablations (direction row s), then their null draws (row
-    n_sources + s·R + r), cut into passes of ≤ ablations_per_batch. A pass's content (its directions and
-    magnitudes) therefore depends on the group's features only.
+    cells_m: np.ndarray
+    base_I: np.ndarray
+    dir_I: np.ndarray
+    src_I: np.ndarray
+    segments_m: np.ndarray
+    n_real: int
+
+
+def _passes_of_chunk(fired_CS: np.ndarray, lengths_C: np.ndarray, n_sources: int, cfg: SweepConfig) -> list[_Pass]:
+    """The ablation passes of one chunk of cells.
+
+    fired_CS: per chunk cell, which entries of the source-feature list handed to `run_sweep` (n_sources
+    entries) fire in it. Features go in groups [g·fpb, (g+1)·fpb) of that list; a cell's items in a group
+    are its fired features' real ablations (direction row s), then their null draws (row n_sources + s·R
+    + r). Per group, the cells' items are taken in order of cell length (ties: chunk order) and packed into
+    passes of ≤ ablations_per_batch ablated rows, each cell of a pass with its own clean row, so that cells
+    of similar length share a pass (little padding). A pass's content therefore depends on the chunk's
+    cells and the group's features only; every item's cells come in the same order in every run.
     """
     fpb, cap, R = cfg.features_per_batch, cfg.ablations_per_batch, cfg.null_draws
-    passes = []
-    for f_g in np.split(fired_S, np.flatnonzero(np.diff(fired_S // fpb)) + 1):
-        if f_g.size == 0:
-            continue
-        rows = np.concatenate([f_g, n_sources + (f_g[:, None] * R + np.arange(R)[None, :]).reshape(-1)])
-        cols = np.concatenate([f_g, np.repeat(f_g, R)])
-        for lo in range(0, rows.size, cap):
-            passes.append((rows[lo : lo + cap], cols[lo : lo + cap], max(0, min(lo + cap, f_g.size) - lo)))
+    order = np.argsort(lengths_C, kind="stable")
+    passes: list[_Pass] = []
+    for lo in range(0, n_sources, fpb):
+        pieces: list[tuple[int, np.ndarray, np.ndarray]] = []  # (cell, direction rows, source columns)
+        filled = 0
+
+        def flush() -> None:
+            nonlocal pieces, filled
+            if not pieces:
+                return
+            sizes = np.array([rows.size for _, rows, _ in pieces])
+            dirs = np.concatenate([rows for _, rows, _ in pieces])
+            passes.append(
+                _Pass(
+                    cells_m=np.array([c for c, _, _ in pieces], dtype=np.int64),
+                    base_I=np.repeat(np.arange(len(pieces)), sizes),
+                    dir_I=dirs,
+                    src_I=np.concatenate([cols for _, _, cols in pieces]),
+                    segments_m=np.concatenate([[0], np.cumsum(sizes)]),
+                    n_real=int((dirs < n_sources).sum()),
+                )
+            )
+            pieces, filled = [], 0
+
+        for c in order:
+            f_g = lo + np.flatnonzero(fired_CS[c, lo : lo + fpb])
+            if f_g.size == 0:
+                continue
+            rows = np.concatenate([f_g, n_sources + (f_g[:, None] * R + np.arange(R)[None, :]).reshape(-1)])
+            cols = np.concatenate([f_g, np.repeat(f_g, R)])
+            while rows.size:
+                take = min(cap - filled, rows.size)
+                pieces.append((int(c), rows[:take], cols[:take]))
+                filled += take
+                rows, cols = rows[take:], cols[take:]
+                if filled == cap:
+                    flush()
+        flush()
     return passes
 
 
@@ -440,10 +494,11 @@ def run_sweep(
     """Ablate every source feature in every cell where it fires; accumulate δ statistics per target.
 
     δ_g = mean_{t ∈ response positions} (a_ℓ,g(t) − c_ℓ,g(t)),  h'_L(t) = h_L(t) − s·z_f(t)·W_dec[:, f].
-    Forward passes: per cell and per group of `cfg.features_per_batch` consecutive source features (see
-    `SweepConfig`), passes of ≤ `cfg.ablations_per_batch` ablated rows plus one clean row; blocks L+1..
-    max(target) − 1 in full (block L+1's q/k/v only at the edited positions), the last block only at the
-    response positions (`Backend.block_at`).
+    Cells go in chunks of `cfg.cells_per_clean_pass` (one clean pass of blocks 0..L and one source encode
+    per chunk); per chunk and group of `cfg.features_per_batch` consecutive source features, passes of ≤
+    `cfg.ablations_per_batch` ablated rows plus one clean row per cell of the pass (`_passes_of_chunk`);
+    blocks L+1..max(target) − 1 in full (block L+1's q/k/v only at the edited positions), the last block
+    only at the response positions (`Backend.block_at`).
     """
     t_start = time.perf_counter()
     L = int(source_layer)
@@ -468,12 +523,9 @@ def run_sweep(
         dirs.append((u.to(device) * (norms * cfg.ablation_scale)[:, None, None]).reshape(S * R, D))
     dir_ID = torch.cat(dirs)  # item kinds: s (real) for s < S, then S + s·R + r (null)
 
-    # Accumulators on the device: index 0..S-1 real, S.. null (s·R + r), float64 sums, int64 counts.
+    # Accumulator on the device: items 0..S-1 real, S.. null (s·R + r); float64 sums and counts (exact
+    # integers far beyond any cell count).
     n_items = S * (1 + R)
-    acc_sum = torch.zeros(n_items, NL, n_feats, dtype=torch.float64, device=device)
-    acc_sq = torch.zeros_like(acc_sum)
-    acc_pos = torch.zeros(n_items, NL, n_feats, dtype=torch.int64, device=device)
-    acc_neg = torch.zeros_like(acc_pos)
     plan = _Plan(
         backend=backend,
         source_layer=L,
@@ -482,51 +534,44 @@ def run_sweep(
         dir_ID=dir_ID,
         response=cfg.response,
         amp=amp,
-        acc=(acc_sum, acc_sq, acc_pos, acc_neg),
+        acc_IXLG=torch.zeros(n_items, 4, NL, n_feats, dtype=torch.float64, device=device),
     )
     n_S = np.zeros(S, np.int64)
     counters = dict(
         forward_passes=0, null_forward_passes=0, clean_passes=0, clean_block_tokens=0, downstream_block_tokens=0
     )
 
-    for cell in cells:
-        batch1 = backend.collate([cell])
-        T = batch1.input_ids_BT.shape[1]
-        gene_P = torch.nonzero(batch1.gene_BT[0]).flatten()
-        if gene_P.numel() == 0 or S == 0:
-            continue
+    chunk = cfg.cells_per_clean_pass
+    for first in range(0, len(cells) if S else 0, chunk):
+        batch_c = backend.collate(cells[first : first + chunk])
+        C, Tc = batch_c.input_ids_BT.shape
         with torch.autocast(**amp):
-            h = backend.embed(batch1)
-            for _, h in backend.run_blocks(h, batch1, 0, L):
+            h = backend.embed(batch_c)
+            for _, h in backend.run_blocks(h, batch_c, 0, L):
                 pass
-        hL_TD = h[0]
-        counters["clean_passes"] += 1
-        counters["clean_block_tokens"] += T * (L + 1)
+        counters["clean_passes"] += C
+        counters["clean_block_tokens"] += C * Tc * (L + 1)
+        # The source codes of every gene position of the chunk in one encode, laid out (cell, source, position).
         with torch.autocast(device.type, enabled=False):
-            z_PS = sae_src.encode(hL_TD[gene_P].float())[:, src_dev]
-        fired = np.flatnonzero((z_PS > 0).any(dim=0).cpu().numpy())
-        if fired.size == 0:
-            continue
-        n_S[fired] += 1
-        for rows_dir, rows_src, n_real in _passes_of_cell(fired, S, cfg):
-            _ablation_batch(
-                plan,
-                batch1,
-                hL_TD,
-                gene_P,
-                z_PS,
-                torch.from_numpy(rows_dir).to(device),
-                torch.from_numpy(rows_src).to(device),
-            )
-            counters["forward_passes"] += n_real
-            counters["null_forward_passes"] += rows_dir.size - n_real
-            counters["clean_passes"] += 1
-            counters["downstream_block_tokens"] += (rows_dir.size + 1) * T * (plan.stop - L)
+            z_CST = h.new_zeros(C, Tc, S, dtype=torch.float32)
+            z_CST[batch_c.gene_BT] = sae_src.encode(h[batch_c.gene_BT].float())[:, src_dev]
+            z_CST = z_CST.transpose(1, 2)
+        fired_CS = (z_CST > 0).any(dim=2).cpu().numpy()
+        n_S += fired_CS.sum(axis=0)
+        lengths_C = batch_c.keep_BT.sum(dim=1).cpu().numpy()
+        for p in _passes_of_chunk(fired_CS, lengths_C, S, cfg):
+            T = int(lengths_C[p.cells_m].max())
+            _ablation_batch(plan, batch_c, h, z_CST, p, T)
+            counters["forward_passes"] += p.n_real
+            counters["null_forward_passes"] += p.dir_I.size - p.n_real
+            counters["clean_passes"] += p.cells_m.size
+            counters["downstream_block_tokens"] += (p.cells_m.size + p.dir_I.size) * T * (plan.stop - L)
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    out_sum, out_sq = acc_sum.cpu().numpy(), acc_sq.cpu().numpy()
-    out_pos, out_neg = acc_pos.cpu().numpy(), acc_neg.cpu().numpy()
+    acc = plan.acc_IXLG.cpu().numpy()
+    out_sum, out_sq = acc[:, 0], acc[:, 1]
+    out_pos, out_neg = acc[:, 2].astype(np.int64), acc[:, 3].astype(np.int64)
 
     def _null(a: np.ndarray) -> np.ndarray:
         return a[S:].reshape(S, R, NL, n_feats)
@@ -557,68 +602,74 @@ def run_sweep(
     )
 
 
-def _ablation_batch(plan: _Plan, batch1, hL_TD, gene_P, z_PS, rows_dir, rows_src) -> None:
-    """One pass of one cell: row 0 = the clean cell, rows 1..I = its ablations; δ added to plan.acc.
+def _ablation_batch(plan: _Plan, batch_c: Batch, h_CTD: torch.Tensor, z_CST: torch.Tensor, p: _Pass, T: int) -> None:
+    """One pass: rows 0..m−1 = the clean cells `p.cells_m` (their chunk-clean-pass h_L, cut to T tokens),
+    rows m.. = their ablations; δ added to plan.acc_IXLG.
 
-    rows_dir: direction row of each ablation; rows_src: its source-feature column of z_PS (gene positions × S).
     Blocks L+1..stop−1 run in full; block `stop` only at the read positions (`Backend.block_at`); block L+1
-    projects q/k/v only where the rows differ from the clean row 0 (`changed_at`).
+    projects q/k/v only where the rows differ from their clean row (`Edits`).
     """
-    acc_sum, acc_sq, acc_pos, acc_neg = plan.acc
-    device = hL_TD.device
-    I = rows_dir.numel()
-    T = hL_TD.shape[0]
-    # Ablation magnitudes per (item, gene position): z of the item's source feature (0 where it is silent).
-    z_IP = z_PS[:, rows_src].T
-    z_IT = z_IP.new_zeros(I, T)
-    z_IT[:, gene_P] = z_IP
-    delta_ITD = (z_IT[:, :, None] * plan.dir_ID[rows_dir][:, None, :]).to(hL_TD.dtype)
-    h_BTD = torch.cat([hL_TD[None], hL_TD[None] - delta_ITD])
-    # Read positions: the clean row at the union U of the items' response positions, then the N
-    # (item, position) pairs; one gather (or one `block_at`) and one SAE encode per target layer.
-    fires_IP = z_IP > 0
-    resp_IP = fires_IP if plan.response == "firing" else torch.ones_like(fires_IP)
-    item_N, pidx_N = torch.nonzero(resp_IP, as_tuple=True)
-    union_U = torch.nonzero(resp_IP.any(dim=0)).flatten()
-    U = union_U.numel()
-    lut_P = torch.full((gene_P.numel(),), -1, dtype=torch.long, device=device)
-    lut_P[union_U] = torch.arange(U, device=device)
-    clean_of_N = lut_P[pidx_N]
-    inv_count_I = 1.0 / resp_IP.sum(dim=1).to(torch.float64)
-    rows_M = torch.cat([item_N.new_zeros(U), 1 + item_N])
-    pos_M = gene_P[torch.cat([union_U, pidx_N])]
-    batchB = batch1.select(torch.zeros(I + 1, dtype=torch.long, device=batch1.input_ids_BT.device))
+    device = h_CTD.device
     backend, L, stop = plan.backend, plan.source_layer, plan.stop
+    cells_m = torch.from_numpy(p.cells_m).to(device)
+    base_I = torch.from_numpy(p.base_I).to(device)
+    dir_I = torch.from_numpy(p.dir_I).to(device)
+    m, I = cells_m.numel(), base_I.numel()
+    # Ablation magnitudes per (item, position): z of the item's source feature (0 where it is silent).
+    z_IT = z_CST[cells_m[base_I], torch.from_numpy(p.src_I).to(device), :T]
+    fires_IT = z_IT > 0
+    item_C, pos_C = torch.nonzero(fires_IT, as_tuple=True)
+    # Every row a copy of its clean row; the ablated rows minus z·v where their feature fires.
+    bases = torch.arange(m, device=device)
+    slot_B = torch.cat([bases, base_I])
+    h_BTD = h_CTD[:, :T].index_select(0, cells_m[slot_B])
+    row_C = m + item_C
+    h_BTD[row_C, pos_C] -= (z_IT[item_C, pos_C, None] * plan.dir_ID[dir_I[item_C]]).to(h_BTD.dtype)
+    batch = batch_c.select(cells_m[slot_B], length=T)
+    # Read positions: each clean row at the union of its items' response positions (U pairs), then the
+    # N (item, position) pairs; one gather (or one `block_at`) and one SAE encode per target layer.
+    resp_IT = fires_IT if plan.response == "firing" else batch.gene_BT[m:]
+    item_N, pos_N = (item_C, pos_C) if plan.response == "firing" else torch.nonzero(resp_IT, as_tuple=True)
+    base_N = base_I[item_N]
+    read_mT = torch.zeros(m, T, dtype=torch.bool, device=device)
+    read_mT[base_N, pos_N] = True
+    base_U, pos_U = torch.nonzero(read_mT, as_tuple=True)
+    U = base_U.numel()
+    lut_mT = torch.full((m, T), -1, dtype=torch.long, device=device)
+    lut_mT[base_U, pos_U] = torch.arange(U, device=device)
+    clean_of_N = lut_mT[base_N, pos_N]
+    rows_M = torch.cat([base_U, m + item_N])
+    pos_M = torch.cat([pos_U, pos_N])
+    # δ_i = Σ_n w_in (a_n − c_n) with w_in = 1/#(response positions of item i) where item_n = i: one float64
+    # matmul per layer (deterministic on GPUs, unlike scattered adds).
+    weight_IN = torch.zeros(I, item_N.numel(), dtype=torch.float64, device=device)
+    weight_IN[item_N, torch.arange(item_N.numel(), device=device)] = (1.0 / resp_IT.sum(dim=1).to(torch.float64))[item_N]
+    delta_ILG = torch.empty(I, len(plan.sae_slots), plan.acc_IXLG.shape[3], dtype=torch.float64, device=device)
 
-    def accumulate(slot: int, sae: TopKSAE, x_MD: torch.Tensor) -> None:
+    def response(slot: int, sae: TopKSAE, x_MD: torch.Tensor) -> None:
         with torch.autocast(device.type, enabled=False):
             # clean and ablated positions in ONE encode: identical inputs give bit-identical codes
             codes = sae.encode(x_MD.float())
-            diff_NF = (codes[U:] - codes[clean_of_N]).to(torch.float64)
-            d_IF = torch.zeros(I, diff_NF.shape[1], dtype=torch.float64, device=device)
-            d_IF.index_add_(0, item_N, diff_NF)
-            d_IF *= inv_count_I[:, None]
-            acc_sum[:, slot].index_add_(0, rows_dir, d_IF)
-            acc_sq[:, slot].index_add_(0, rows_dir, d_IF * d_IF)
-            acc_pos[:, slot].index_add_(0, rows_dir, (d_IF > 0).to(torch.int64))
-            acc_neg[:, slot].index_add_(0, rows_dir, (d_IF < 0).to(torch.int64))
+            torch.mm(weight_IN, (codes[U:] - codes[clean_of_N]).to(torch.float64), out=delta_ILG[:, slot])
 
-    # The ablated rows differ from the clean row 0 only where their source feature fires: block L+1
+    # The ablated rows differ from their clean row only where their source feature fires: block L+1
     # projects q/k/v there only.
-    if plan.response == "firing":
-        item_C, pidx_C = item_N, pidx_N
-    else:
-        item_C, pidx_C = torch.nonzero(fires_IP, as_tuple=True)
-    changed_at = (1 + item_C, gene_P[pidx_C])
+    edits = Edits(bases_K=bases, slot_B=slot_B, rows_N=row_C, pos_N=pos_C)
     with torch.autocast(**plan.amp):
         if stop == L + 1:
-            h_MD = backend.block_at(h_BTD, batchB, stop, rows_M, pos_M, changed_at)
+            h_MD = backend.block_at(h_BTD, batch, stop, rows_M, pos_M, edits)
         else:
-            for layer, h in backend.run_blocks(h_BTD, batchB, L + 1, stop - 1, changed_at):
+            for layer, h in backend.run_blocks(h_BTD, batch, L + 1, stop - 1, edits):
                 if layer in plan.sae_slots:
-                    accumulate(*plan.sae_slots[layer], h[rows_M, pos_M])
-            h_MD = backend.block_at(h, batchB, stop, rows_M, pos_M)
-        accumulate(*plan.sae_slots[stop], h_MD)
+                    response(*plan.sae_slots[layer], h[rows_M, pos_M])
+            h_MD = backend.block_at(h, batch, stop, rows_M, pos_M)
+        response(*plan.sae_slots[stop], h_MD)
+    # Σδ, Σδ², #δ>0, #δ<0 per item; one index_add per cell of the pass, in order, so that every item's
+    # cells are added in the same order whatever the device (the items of one cell are distinct).
+    stats_IXLG = torch.stack([delta_ILG, delta_ILG * delta_ILG, delta_ILG > 0, delta_ILG < 0], dim=1)
+    for j in range(m):
+        lo, hi = int(p.segments_m[j]), int(p.segments_m[j + 1])
+        plan.acc_IXLG.index_add_(0, dir_I[lo:hi], stats_IXLG[lo:hi])
 
 
 __all__ = [

@@ -361,7 +361,7 @@ def get_sweep_args(wildcards):
     sweep = config["sweep"]
     return (
         f"--features-per-shard {sweep['features_per_shard']} --features-per-batch {sweep['features_per_batch']}"
-        f" --ablations-per-batch {sweep['ablations_per_batch']}"
+        f" --ablations-per-batch {sweep['ablations_per_batch']} --cells-per-clean-pass {sweep['cells_per_clean_pass']}"
         f" --response {sweep['response']} --null-draws {sweep['null_draws']}"
     )
 

@@ -18,7 +18,23 @@ import torch.nn.functional as F
 
 from ctrace.errors import CtraceInputError
 
-RowPairs = tuple[torch.Tensor, torch.Tensor]  # (rows_N, pos_N): N (batch row, position) pairs
+
+
+@dataclass(frozen=True)
+class Edits:
+    """A promise about a batch (an ablation batch): every row is a copy of one of its base rows, edited only
+    at the (rows_N, pos_N) pairs.
+
+    bases_K: the K base rows (edited nowhere; each is its own copy); slot_B: for every row, the index into
+    bases_K of the row it copies. Row r then equals row bases_K[slot_B[r]] everywhere except where
+    (r, t) is listed. Back-ends may use it to project only the base rows and the listed pairs (same result
+    to float tolerance, and bit-identical copies where an edit is 0) or ignore it.
+    """
+
+    bases_K: torch.Tensor
+    slot_B: torch.Tensor
+    rows_N: torch.Tensor
+    pos_N: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -46,13 +62,15 @@ class Batch:
     def lengths_B(self) -> torch.Tensor:
         return self.keep_BT.sum(dim=1)
 
-    def select(self, rows_b: torch.Tensor) -> Batch:
-        """Sub-batch (or repeated rows) by index along the batch dimension."""
+    def select(self, rows_b: torch.Tensor, length: int | None = None) -> Batch:
+        """Sub-batch (or repeated rows) by index along the batch dimension, optionally cut to the first
+        `length` positions (which must hold every real token of the rows)."""
+        cut = slice(None, length)
         return Batch(
-            input_ids_BT=self.input_ids_BT[rows_b],
-            values_BT=None if self.values_BT is None else self.values_BT[rows_b],
-            keep_BT=self.keep_BT[rows_b],
-            gene_BT=self.gene_BT[rows_b],
+            input_ids_BT=self.input_ids_BT[rows_b, cut],
+            values_BT=None if self.values_BT is None else self.values_BT[rows_b, cut],
+            keep_BT=self.keep_BT[rows_b, cut],
+            gene_BT=self.gene_BT[rows_b, cut],
         )
 
 
@@ -109,15 +127,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def run_blocks(
-        self, h_BTD: torch.Tensor, batch: Batch, start: int, stop: int, changed_at: RowPairs | None = None
+        self, h_BTD: torch.Tensor, batch: Batch, start: int, stop: int, edits: Edits | None = None
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Run blocks start..stop (inclusive) on `h_BTD` (the input of block `start`).
 
         Yields (layer, h_layer_BTD) after each block. Padding is masked exactly as in the model's
         own forward; padded positions of the outputs are meaningless and must not be read.
-        changed_at = (rows_N, pos_N): a promise that every row of h_BTD equals row 0 except at those
-        (row, position) pairs; back-ends may use it to project only those in block `start` (same result
-        to float tolerance) or ignore it.
+        edits: a promise about h_BTD (see `Edits`); back-ends may use it in block `start` or ignore it.
         """
 
     def block_at(
@@ -127,15 +143,15 @@ class Backend(abc.ABC):
         layer: int,
         rows_N: torch.Tensor,
         pos_N: torch.Tensor,
-        changed_at: RowPairs | None = None,
+        edits: Edits | None = None,
     ) -> torch.Tensor:
         """Output of block `layer` (input `h_BTD`) read only at the (row, position) pairs: h_layer[rows_N, pos_N].
 
         For a last block whose output is read at a few positions. This default runs the whole block;
         back-ends override it to compute keys/values everywhere and the rest at the N queries only.
-        changed_at: as in `run_blocks`.
+        edits: as in `run_blocks`.
         """
-        ((_, out_BTD),) = self.run_blocks(h_BTD, batch, layer, layer, changed_at)
+        ((_, out_BTD),) = self.run_blocks(h_BTD, batch, layer, layer, edits)
         return out_BTD[rows_N, pos_N]
 
     # ---- derived ------------------------------------------------------------------------------
@@ -198,10 +214,10 @@ class PostLNBlock:
     ln2: tuple[torch.Tensor, torch.Tensor, float]
     act: Callable[[torch.Tensor], torch.Tensor]
 
-    def __call__(self, x_BTD: torch.Tensor, keep_BT: torch.Tensor, changed_at: RowPairs | None = None) -> torch.Tensor:
-        """The block's output (B, T, D). changed_at: see `_project`."""
+    def __call__(self, x_BTD: torch.Tensor, keep_BT: torch.Tensor, edits: Edits | None = None) -> torch.Tensor:
+        """The block's output (B, T, D). edits: see `_project`."""
         B, T, D = x_BTD.shape
-        q, k, v = self._heads(_project(x_BTD, *self.qkv, changed_at)).unbind(0)
+        q, k, v = self._heads(_project(x_BTD, *self.qkv, edits)).unbind(0)
         o_BHTd = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(keep_BT))
         return self._after_attention(x_BTD, o_BHTd.transpose(1, 2).reshape(B, T, D))
 
@@ -211,13 +227,13 @@ class PostLNBlock:
         keep_BT: torch.Tensor,
         rows_N: torch.Tensor,
         pos_N: torch.Tensor,
-        changed_at: RowPairs | None = None,
+        edits: Edits | None = None,
     ) -> torch.Tensor:
         """out[rows_N, pos_N] (N, D): keys and values at every position, everything else at the N queries only.
 
         The queries are laid out as chunks of ≤ Q queries of one row each (`_query_chunks`), the chunk's
         row's keys and values are repeated per chunk, and the padding slots of the chunks are dropped.
-        changed_at: see `_project`.
+        edits: see `_project`.
         """
         D, N = x_BTD.shape[2], rows_N.numel()
         w, b = self.qkv
@@ -226,7 +242,7 @@ class PostLNBlock:
         q_ND = F.linear(x_ND, w[:D], b[:D])  # bf16 under autocast: the chunks take its dtype
         q_CQD = q_ND.new_zeros(row_C.numel(), Q, D)
         q_CQD[chunk_N, slot_N] = q_ND
-        k, v = self._heads(_project(x_BTD, w[D:], b[D:], changed_at).index_select(0, row_C)).unbind(0)
+        k, v = self._heads(_project(x_BTD, w[D:], b[D:], edits).index_select(0, row_C)).unbind(0)
         mask = _key_mask(keep_BT.index_select(0, row_C))
         (q,) = self._heads(q_CQD).unbind(0)
         o_CHQd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -246,18 +262,18 @@ class PostLNBlock:
 
 class PostLNBackend(Backend):
     """A back-end whose blocks are `PostLNBlock`s: subclasses provide `_block(index)`; the blocks run with
-    both sweep shortcuts (`changed_at` in the first block, `block_at` at the read queries only)."""
+    both sweep shortcuts (`edits` in the first block, `block_at` at the read queries only)."""
 
     @abc.abstractmethod
     def _block(self, index: int) -> PostLNBlock:
         """Block `index` as a `PostLNBlock` on the model's own parameters."""
 
     def run_blocks(
-        self, h_BTD: torch.Tensor, batch: Batch, start: int, stop: int, changed_at: RowPairs | None = None
+        self, h_BTD: torch.Tensor, batch: Batch, start: int, stop: int, edits: Edits | None = None
     ) -> Iterator[tuple[int, torch.Tensor]]:
         check_block_range(start, stop, self.n_layers)
         for index in range(start, stop + 1):
-            h_BTD = self._block(index)(h_BTD, batch.keep_BT, changed_at if index == start else None)
+            h_BTD = self._block(index)(h_BTD, batch.keep_BT, edits if index == start else None)
             yield index, h_BTD
 
     def block_at(
@@ -267,29 +283,28 @@ class PostLNBackend(Backend):
         layer: int,
         rows_N: torch.Tensor,
         pos_N: torch.Tensor,
-        changed_at: RowPairs | None = None,
+        edits: Edits | None = None,
     ) -> torch.Tensor:
         check_block_range(layer, layer, self.n_layers)
-        return self._block(layer).at(h_BTD, batch.keep_BT, rows_N, pos_N, changed_at)
+        return self._block(layer).at(h_BTD, batch.keep_BT, rows_N, pos_N, edits)
 
 
-def _project(
-    x_BTD: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, changed_at: RowPairs | None
-) -> torch.Tensor:
+def _project(x_BTD: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, edits: Edits | None) -> torch.Tensor:
     """F.linear(x_BTD, weight, bias), (B, T, O).
 
-    changed_at = (rows_N, pos_N) promises that every row of x equals row 0 except at those (row, position)
-    pairs (an ablation batch: the clean cell in row 0, its few edited positions in the others). Then only
-    row 0 and the N pairs are projected — in ONE matmul, so an edited position whose value equals row 0's
-    still gets bit-identical outputs — and row 0's result is copied to the other rows.
+    With `edits` (every row a copy of a base row except at the listed pairs: an ablation batch, the clean
+    cells in the base rows and their few edited positions in the others) only the base rows and the N
+    pairs are projected — in ONE matmul, so an edited position whose value equals its base row's still
+    gets bit-identical outputs — and the base rows' results are copied to their copies.
     """
-    if changed_at is None:
+    if edits is None:
         return F.linear(x_BTD, weight, bias)
-    rows_N, pos_N = changed_at
-    B, T, _ = x_BTD.shape
-    y = F.linear(torch.cat([x_BTD[0], x_BTD[rows_N, pos_N]]), weight, bias)
-    out_BTO = y[:T].expand(B, T, y.shape[1]).clone()
-    out_BTO[rows_N, pos_N] = y[T:]
+    B, T, D = x_BTD.shape
+    K = edits.bases_K.numel()
+    x_base = x_BTD.index_select(0, edits.bases_K).view(K * T, D)
+    y = F.linear(torch.cat([x_base, x_BTD[edits.rows_N, edits.pos_N]]), weight, bias)
+    out_BTO = y[: K * T].view(K, T, -1).index_select(0, edits.slot_B)
+    out_BTO[edits.rows_N, edits.pos_N] = y[K * T :]
     return out_BTO
 
 
