@@ -585,8 +585,10 @@ def _check_edits(backend, seed: int) -> None:
     """With the hint, run_blocks and block_at give the dense results; row 5 (edit 0) stays bit-identical
     to its base row 1; and the hint is really used: an edit at an unlisted position is not seen by q/k/v."""
     batch, h_BTD, edits = _edited_copies(backend, seed)
-    read_rows = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5, 5])
-    read_pos = torch.tensor([7, 12, 9, 7, 9, 5, 20, 7, 15])  # (1, 7) and (5, 7) read the same state
+    # (1, 7) and (5, 7) read the same state; edited row 4 is read at 3 positions, so that its queries span
+    # two chunks of block_at (each must see row 4's edited keys and values)
+    read_rows = torch.tensor([0, 0, 1, 1, 2, 3, 4, 4, 4, 5, 5])
+    read_pos = torch.tensor([7, 12, 9, 7, 9, 5, 20, 1, 3, 7, 15])
     last = backend.n_layers - 1
     with torch.no_grad():
         for layer in range(backend.n_layers):
@@ -598,7 +600,7 @@ def _check_edits(backend, seed: int) -> None:
                 assert torch.equal(sparse[index][5], sparse[index][1])
             at = backend.block_at(h_BTD, batch, layer, read_rows, read_pos, edits)
             assert (at - dense[layer][read_rows, read_pos]).abs().max().item() <= ATOL
-            assert torch.equal(at[7], at[3])
+            assert torch.equal(at[9], at[3])
             broken_BTD = h_BTD.clone()
             broken_BTD[3, 11] += 10.0  # outside the promise
             ((_, honest),) = backend.run_blocks(broken_BTD, batch, layer, layer)
