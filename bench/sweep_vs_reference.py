@@ -14,8 +14,8 @@ head costs about a block, as in the real model), ~80-token cells, SAEs 4× wide 
   PYTHONPATH=lib python bench/sweep_vs_reference.py --threads 2 --source-layers 0,1,2 [--device cuda]
 The sweep runs with SweepConfig(features_per_batch=--features-per-batch (default: all source features, one
 group), ablations_per_batch=--ablations-per-batch (default 64), cells_per_clean_pass=--cells-per-clean-pass
-(default 32, i.e. all 24 cells)): one clean pass of blocks 0..L for the cells, then passes of ≤ 64 ablated
-rows of cells of similar length + one clean row per cell, block L+1's q/k/v only at the edited positions
+(default 16)): cells in order of length, one clean pass of blocks 0..L per 16 cells, then passes of ≤ 64
+ablated rows of cells of similar length + one clean row per cell, block L+1's q/k/v only at the edited positions
 and the last target block only at the read positions (Backend Edits, block_at). Each side is timed
 --repeats times (default 5); the medians are compared, and the sweep's repeats must give bit-identical
 statistics. --threads sets torch's intra-op threads for both sides (2 = both cores of the 2-core CI machine;
@@ -271,20 +271,21 @@ def sweep_downstream_flops(cells, fired_per_cell, n_sources, n_blocks, cfg: Swee
     """Matmul FLOPs of the sweep's ablation passes (the work that has to be done, not counting overheads),
     and Σ rows × tokens × blocks of those passes (must equal the sweep's own `downstream_block_tokens`).
 
-    The passes are planned as the sweep plans them (`_passes_of_chunk` per chunk of cfg.cells_per_clean_pass
-    cells): each pass has its cells' clean rows plus ≤ ablations_per_batch ablated rows, right-padded to
+    The passes are planned as the sweep plans them (cells in order of length, `_passes_of_chunk` per chunk
+    of cfg.cells_per_clean_pass cells): each pass has its cells' clean rows plus ≤ ablations_per_batch ablated rows, right-padded to
     its longest cell (the padding is counted: the blocks compute it); blocks L+1..stop−1 in full, the last
     block's keys and values at every position (its queries, read at a few positions, are not counted).
     fired_per_cell: per cell, the indices (into the list of n_sources source features) of those that fire.
     """
     lengths = np.array([len(c.input_ids) for c in cells])
+    by_length = np.argsort(lengths, kind="stable")
     total, block_tokens = 0.0, 0
     for lo in range(0, len(cells), cfg.cells_per_clean_pass):
-        chunk = range(lo, min(lo + cfg.cells_per_clean_pass, len(cells)))
+        chunk = by_length[lo : lo + cfg.cells_per_clean_pass]
         fired_CS = np.zeros((len(chunk), n_sources), dtype=bool)
         for row, c in enumerate(chunk):
             fired_CS[row, fired_per_cell[c]] = True
-        chunk_lengths = lengths[lo : lo + len(chunk)]
+        chunk_lengths = lengths[chunk]
         for p in _passes_of_chunk(fired_CS, chunk_lengths, n_sources, cfg):
             T = int(chunk_lengths[p.cells_m].max())
             rows = p.cells_m.size + p.dir_I.size

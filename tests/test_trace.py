@@ -274,9 +274,9 @@ def test_middle_source_layer_and_unmeasured_layers(toy, source, targets):
     assert stats.n_S.sum() > 0
     for name in STAT_NAMES:
         assert np.abs(getattr(stats, name) - ref[name]).max() <= 1e-5, name
-    # clean passes: blocks 0..L of chunks of cfg.cells_per_clean_pass cells, right-padded to the chunk's
-    # longest; one ablation batch per cell: blocks L+1..2, ablations + 1 clean row
-    lengths = np.array([len(c.input_ids) for c in cells])
+    # clean passes: blocks 0..L of chunks of cfg.cells_per_clean_pass cells taken in order of length,
+    # right-padded to the chunk's longest
+    lengths = np.sort([len(c.input_ids) for c in cells])
     chunk = cfg.cells_per_clean_pass
     padded = sum(lengths[i : i + chunk].max() * lengths[i : i + chunk].size for i in range(0, len(cells), chunk))
     assert stats.clean_block_tokens == padded * (source + 1)

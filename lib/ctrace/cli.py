@@ -655,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-per-batch", type=POSITIVE, default=8,
                    help="consecutive source features of the shard whose ablations share forward passes")
     p.add_argument("--ablations-per-batch", type=POSITIVE, default=32, help="cap on ablated rows per forward pass")
-    p.add_argument("--cells-per-clean-pass", type=POSITIVE, default=32,
+    p.add_argument("--cells-per-clean-pass", type=POSITIVE, default=16,
                    help="cells per clean pass (blocks 0..L) and per window in which passes pack cells of similar length")
     p.add_argument("--response", default="firing", choices=["firing", "all"])
     p.add_argument("--null-draws", type=NON_NEGATIVE, default=0)

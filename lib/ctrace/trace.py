@@ -5,8 +5,9 @@ h'_L = h_L − z_f · W_dec[:, f] at f's firing positions; blocks L+1..max(targe
 δ_g = mean over the response positions of (a_ℓ,g − c_ℓ,g), a/c = SAE codes of the ablated/clean h_ℓ.
 
 How the work is laid out (the levers of §10):
-- cells go in chunks of `cells_per_clean_pass`; one clean pass per chunk (right-padded), blocks 0..L only,
-  and one source-SAE encode of all its gene positions;
+- cells are taken in order of length and go in chunks of `cells_per_clean_pass`; one clean pass per chunk
+  (right-padded: little padding, as its cells have similar lengths), blocks 0..L only, and one source-SAE
+  encode of all its gene positions;
 - the source-feature list is cut into groups of `features_per_batch` consecutive features. Per chunk and
   group, the ablations (real and null) of the chunk's cells are packed, cells in order of length, into
   passes of at most `ablations_per_batch` ablated rows, each pass carrying one unablated copy of each of
@@ -66,9 +67,11 @@ class SweepConfig:
     features of the run: sharding the list at multiples of features_per_batch reproduces the single run
     exactly. ablations_per_batch: at most this many ablated sequences per forward pass (plus the cell's one
     clean copy); a cell's ablations of one group are split into passes of that size (a memory cap).
-    cells_per_clean_pass: the clean passes (blocks 0..L) and source encodes run on consecutive chunks of
-    this many cells (right-padded); a cell's clean h_L depends on its chunk only to float rounding, and the
-    chunks depend on the cell list only, so shards of one sweep stay bit-compatible.
+    cells_per_clean_pass: the cells, in order of length, go in chunks of this many; each chunk has one clean
+    pass (blocks 0..L, right-padded) and one source encode, and its ablations are packed into passes (see
+    `_passes_of_chunk`). A cell's clean h_L depends on its chunk only to float rounding, and the chunks
+    depend on the cell list only, so shards of one sweep stay bit-compatible. Memory: the clean pass holds
+    about cells × tokens × (ffn + 4·d_model) floats at its peak.
     ablation_scale: multiplies the removed contribution (1 = zero-ablation; 0 = a no-op control whose
     δ must be exactly 0). autocast_bf16: run the transformer blocks under bf16 autocast (GPU only; the
     SAE encodes and δ stay fp32); check edge agreement with fp32 before relying on it.
@@ -76,7 +79,7 @@ class SweepConfig:
 
     features_per_batch: int = 8
     ablations_per_batch: int = 32
-    cells_per_clean_pass: int = 32
+    cells_per_clean_pass: int = 16
     response: str = "firing"
     null_draws: int = 0
     seed: int = 0
@@ -494,8 +497,8 @@ def run_sweep(
     """Ablate every source feature in every cell where it fires; accumulate δ statistics per target.
 
     δ_g = mean_{t ∈ response positions} (a_ℓ,g(t) − c_ℓ,g(t)),  h'_L(t) = h_L(t) − s·z_f(t)·W_dec[:, f].
-    Cells go in chunks of `cfg.cells_per_clean_pass` (one clean pass of blocks 0..L and one source encode
-    per chunk); per chunk and group of `cfg.features_per_batch` consecutive source features, passes of ≤
+    Cells, in order of length, go in chunks of `cfg.cells_per_clean_pass` (one clean pass of blocks 0..L and
+    one source encode per chunk); per chunk and group of `cfg.features_per_batch` consecutive source features, passes of ≤
     `cfg.ablations_per_batch` ablated rows plus one clean row per cell of the pass (`_passes_of_chunk`);
     blocks L+1..max(target) − 1 in full (block L+1's q/k/v only at the edited positions), the last block
     only at the response positions (`Backend.block_at`).
@@ -541,9 +544,12 @@ def run_sweep(
         forward_passes=0, null_forward_passes=0, clean_passes=0, clean_block_tokens=0, downstream_block_tokens=0
     )
 
+    # Cells in order of length (ties: given order), so that a chunk's clean pass and its ablation passes
+    # hold cells of similar length (little padding); the order depends on the cell list only.
+    by_length = np.argsort([len(cell.input_ids) for cell in cells], kind="stable")
     chunk = cfg.cells_per_clean_pass
     for first in range(0, len(cells) if S else 0, chunk):
-        batch_c = backend.collate(cells[first : first + chunk])
+        batch_c = backend.collate([cells[i] for i in by_length[first : first + chunk]])
         C, Tc = batch_c.input_ids_BT.shape
         with torch.autocast(**amp):
             h = backend.embed(batch_c)
