@@ -272,9 +272,10 @@ def sweep_downstream_flops(cells, fired_per_cell, n_sources, n_blocks, cfg: Swee
     and Σ rows × tokens × blocks of those passes (must equal the sweep's own `downstream_block_tokens`).
 
     The passes are planned as the sweep plans them (cells in order of length, `_passes_of_chunk` per chunk
-    of cfg.cells_per_clean_pass cells): each pass has its cells' clean rows plus ≤ ablations_per_batch ablated rows, right-padded to
-    its longest cell (the padding is counted: the blocks compute it); blocks L+1..stop−1 in full, the last
-    block's keys and values at every position (its queries, read at a few positions, are not counted).
+    of cfg.cells_per_clean_pass cells): each pass has its cells' clean rows plus ≤ ablations_per_batch
+    ablated rows, right-padded to its longest cell (the padding is counted: the blocks compute it); blocks
+    L+1..stop−1 in full, the last block's keys and values at every position (its queries, read at a few
+    positions, are not counted).
     fired_per_cell: per cell, the indices (into the list of n_sources source features) of those that fire.
     """
     lengths = np.array([len(c.input_ids) for c in cells])
@@ -753,7 +754,10 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--ablations-per-batch", type=int, default=None, help="SweepConfig.ablations_per_batch")
     ap.add_argument(
-        "--cells-per-clean-pass", type=int, default=SweepConfig.cells_per_clean_pass, help="SweepConfig.cells_per_clean_pass"
+        "--cells-per-clean-pass",
+        type=int,
+        default=SweepConfig.cells_per_clean_pass,
+        help="SweepConfig.cells_per_clean_pass",
     )
     ap.add_argument("--min-len", type=int, default=None)
     ap.add_argument("--max-len", type=int, default=None)

@@ -498,8 +498,9 @@ def run_sweep(
 
     δ_g = mean_{t ∈ response positions} (a_ℓ,g(t) − c_ℓ,g(t)),  h'_L(t) = h_L(t) − s·z_f(t)·W_dec[:, f].
     Cells, in order of length, go in chunks of `cfg.cells_per_clean_pass` (one clean pass of blocks 0..L and
-    one source encode per chunk); per chunk and group of `cfg.features_per_batch` consecutive source features, passes of ≤
-    `cfg.ablations_per_batch` ablated rows plus one clean row per cell of the pass (`_passes_of_chunk`);
+    one source encode per chunk); per chunk and group of `cfg.features_per_batch` consecutive source
+    features, passes of ≤ `cfg.ablations_per_batch` ablated rows plus one clean row per cell of the pass
+    (`_passes_of_chunk`);
     blocks L+1..max(target) − 1 in full (block L+1's q/k/v only at the edited positions), the last block
     only at the response positions (`Backend.block_at`).
     """
@@ -648,15 +649,16 @@ def _ablation_batch(plan: _Plan, batch_c: Batch, h_CTD: torch.Tensor, z_CST: tor
     pos_M = torch.cat([pos_U, pos_N])
     # δ_i = Σ_n w_in (a_n − c_n) with w_in = 1/#(response positions of item i) where item_n = i: one float64
     # matmul per layer (deterministic on GPUs, unlike scattered adds).
+    inv_count_I = 1.0 / resp_IT.sum(dim=1).to(torch.float64)
     weight_IN = torch.zeros(I, item_N.numel(), dtype=torch.float64, device=device)
-    weight_IN[item_N, torch.arange(item_N.numel(), device=device)] = (1.0 / resp_IT.sum(dim=1).to(torch.float64))[item_N]
+    weight_IN[item_N, torch.arange(item_N.numel(), device=device)] = inv_count_I[item_N]
     delta_ILG = torch.empty(I, len(plan.sae_slots), plan.acc_IXLG.shape[3], dtype=torch.float64, device=device)
 
     def response(slot: int, sae: TopKSAE, x_MD: torch.Tensor) -> None:
         with torch.autocast(device.type, enabled=False):
             # clean and ablated positions in ONE encode: identical inputs give bit-identical codes
             codes = sae.encode(x_MD.float())
-            torch.mm(weight_IN, (codes[U:] - codes[clean_of_N]).to(torch.float64), out=delta_ILG[:, slot])
+            delta_ILG[:, slot] = weight_IN @ (codes[U:] - codes[clean_of_N]).to(torch.float64)
 
     # The ablated rows differ from their clean row only where their source feature fires: block L+1
     # projects q/k/v there only.
@@ -672,7 +674,7 @@ def _ablation_batch(plan: _Plan, batch_c: Batch, h_CTD: torch.Tensor, z_CST: tor
         response(*plan.sae_slots[stop], h_MD)
     # Σδ, Σδ², #δ>0, #δ<0 per item; one index_add per cell of the pass, in order, so that every item's
     # cells are added in the same order whatever the device (the items of one cell are distinct).
-    stats_IXLG = torch.stack([delta_ILG, delta_ILG * delta_ILG, delta_ILG > 0, delta_ILG < 0], dim=1)
+    stats_IXLG = torch.stack([delta_ILG, delta_ILG * delta_ILG, (delta_ILG > 0).double(), (delta_ILG < 0).double()], 1)
     for j in range(m):
         lo, hi = int(p.segments_m[j]), int(p.segments_m[j + 1])
         plan.acc_IXLG.index_add_(0, dir_I[lo:hi], stats_IXLG[lo:hi])
