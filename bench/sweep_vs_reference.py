@@ -17,8 +17,8 @@ group), ablations_per_batch=--ablations-per-batch (default 64), cells_per_clean_
 (default 16)): cells in order of length, one clean pass of blocks 0..L per 16 cells, then passes of ≤ 64
 ablated rows of cells of similar length + one clean row per cell, block L+1's q/k/v only at the edited positions
 and the last target block only at the read positions (Backend Edits, block_at). Each side is timed
---repeats times (default 5); the medians are compared, and the sweep's repeats must give bit-identical
-statistics. --threads sets torch's intra-op threads for both sides (2 = both cores of the 2-core CI machine;
+--repeats times (default 5, the two sides interleaved); the medians are compared, and the sweep's repeats
+must give bit-identical statistics. --threads sets torch's intra-op threads for both sides (2 = both cores of the 2-core CI machine;
 1 shows the single-core ratio).
 `--real-size`: a randomly initialised Geneformer V2-316M-shaped model (18 layers, d 1152, 18 heads, ffn
 4608), ~2000-gene cells, 30 source features × 200 cells at source layer 0; reports forward passes per
@@ -518,16 +518,18 @@ def run_small(args) -> dict:
     for L in source_layers:
         targets = list(range(L + 1, backend.n_layers))
         run_sweep(backend, saes, cells[:2], L, feats[:2], targets, cfg)  # warm-up
-        # Each side timed --repeats times, the median kept: single runs of a few tenths of a second
-        # swing by ±30% on a shared machine.
-        sweeps = [run_sweep(backend, saes, cells, L, feats, targets, cfg) for _ in range(args.repeats)]
+        # Each side timed --repeats times, the two interleaved (so that a slow phase of a shared machine
+        # hits both), the medians kept: single runs of a few tenths of a second swing by ±30%.
+        sweeps, refs = [], []
+        for _ in range(args.repeats):
+            sweeps.append(run_sweep(backend, saes, cells, L, feats, targets, cfg))
+            refs.append(reference_sweep(backend, saes, cells, L, feats, targets))
         stats = sweeps[0]
         repeats_identical = all(
             np.array_equal(getattr(s, name), getattr(stats, name)) for s in sweeps[1:] for name in STAT_NAMES
         )
         timed = TimedBackend(backend, L)  # one more run, timing the downstream blocks (synchronised)
         timed_stats = run_sweep(timed, saes, cells, L, feats, targets, cfg)
-        refs = [reference_sweep(backend, saes, cells, L, feats, targets) for _ in range(args.repeats)]
         ref_raw, ref_info = refs[0]
         sweep_s = float(np.median([s.wall_time_s for s in sweeps]))
         ref_s = float(np.median([info["wall_time_s"] for _, info in refs]))
