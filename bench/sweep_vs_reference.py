@@ -18,8 +18,8 @@ group), ablations_per_batch=--ablations-per-batch (default 64), cells_per_clean_
 ablated rows of cells of similar length + one clean row per cell, block L+1's q/k/v only at the edited positions
 and the last target block only at the read positions (Backend Edits, block_at). Each side is timed
 --repeats times (default 5, the two sides interleaved); the medians are compared, and the sweep's repeats
-must give bit-identical statistics. --threads sets torch's intra-op threads for both sides (2 = both cores of the 2-core CI machine;
-1 shows the single-core ratio).
+must give bit-identical statistics. --threads sets torch's intra-op threads for both sides (2 = both
+cores of the 2-core CI machine; 1 shows the single-core ratio).
 `--real-size`: a randomly initialised Geneformer V2-316M-shaped model (18 layers, d 1152, 18 heads, ffn
 4608), ~2000-gene cells, 30 source features × 200 cells at source layer 0; reports forward passes per
 second against the reference's 1.46 s per pass, and, on the first --reference-cells cells (default 2), the
@@ -54,7 +54,7 @@ from ctrace.edges import MODES, edge_statistics, edge_table, summarize_edges  # 
 from ctrace.models import load_backend  # noqa: E402
 from ctrace.models.base import Backend, Batch  # noqa: E402
 from ctrace.sae import SAEShape, TopKSAE  # noqa: E402
-from ctrace.trace import SweepConfig, SweepStats, _passes_of_chunk, run_sweep  # noqa: E402
+from ctrace.trace import SweepConfig, SweepStats, _passes_of_chunk, cell_chunks, run_sweep  # noqa: E402
 
 REFERENCE_S_PER_PASS = 1.46  # method.md §9: 7.5 h / 24,776 passes (Apple-Silicon GPU, batch 1, fp32)
 STAT_NAMES = ("n_S", "sum_SLG", "sumsq_SLG", "pos_SLG", "neg_SLG")
@@ -271,18 +271,15 @@ def sweep_downstream_flops(cells, fired_per_cell, n_sources, n_blocks, cfg: Swee
     """Matmul FLOPs of the sweep's ablation passes (the work that has to be done, not counting overheads),
     and Σ rows × tokens × blocks of those passes (must equal the sweep's own `downstream_block_tokens`).
 
-    The passes are planned as the sweep plans them (cells in order of length, `_passes_of_chunk` per chunk
-    of cfg.cells_per_clean_pass cells): each pass has its cells' clean rows plus ≤ ablations_per_batch
-    ablated rows, right-padded to its longest cell (the padding is counted: the blocks compute it); blocks
-    L+1..stop−1 in full, the last block's keys and values at every position (its queries, read at a few
-    positions, are not counted).
+    The passes are planned as the sweep plans them (`_passes_of_chunk` per chunk of `cell_chunks`): each
+    pass has its cells' clean rows plus ≤ ablations_per_batch ablated rows, right-padded to its longest cell
+    (the padding is counted: the blocks compute it); blocks L+1..stop−1 in full, the last block's keys and
+    values at every position (its queries, read at a few positions, are not counted).
     fired_per_cell: per cell, the indices (into the list of n_sources source features) of those that fire.
     """
     lengths = np.array([len(c.input_ids) for c in cells])
-    by_length = np.argsort(lengths, kind="stable")
     total, block_tokens = 0.0, 0
-    for lo in range(0, len(cells), cfg.cells_per_clean_pass):
-        chunk = by_length[lo : lo + cfg.cells_per_clean_pass]
+    for chunk in cell_chunks(cells, cfg.cells_per_clean_pass):
         fired_CS = np.zeros((len(chunk), n_sources), dtype=bool)
         for row, c in enumerate(chunk):
             fired_CS[row, fired_per_cell[c]] = True

@@ -420,15 +420,25 @@ def _check_inputs(
 class _Pass:
     """One ablation pass (internal): the clean rows of `cells_m` (chunk-local cell indices), then the
     ablated rows; ablated row i copies clean row base_I[i] and removes direction dir_I[i] scaled by the
-    codes of source column src_I[i]. segments_m: the ablated rows of each clean row are base_I ==
-    j, a contiguous run [segments_m[j], segments_m[j+1])."""
+    codes of source column src_I[i]; base_I is ascending."""
 
     cells_m: np.ndarray
     base_I: np.ndarray
     dir_I: np.ndarray
     src_I: np.ndarray
-    segments_m: np.ndarray
     n_real: int
+
+    @property
+    def segments_m(self) -> np.ndarray:
+        """The ablated rows of clean row j are the contiguous run [segments_m[j], segments_m[j + 1])."""
+        return np.concatenate([[0], np.cumsum(np.bincount(self.base_I, minlength=self.cells_m.size))])
+
+
+def cell_chunks(cells: Sequence[Cell], size: int) -> list[np.ndarray]:
+    """Indices of `cells` in order of length (ties: given order), cut into chunks of `size`: the chunks of
+    one clean pass each, whose cells (of similar length) share little padding. Depends on the cells only."""
+    by_length = np.argsort([len(cell.input_ids) for cell in cells], kind="stable")
+    return [by_length[first : first + size] for first in range(0, len(cells), size)]
 
 
 def _passes_of_chunk(fired_CS: np.ndarray, lengths_C: np.ndarray, n_sources: int, cfg: SweepConfig) -> list[_Pass]:
@@ -461,7 +471,6 @@ def _passes_of_chunk(fired_CS: np.ndarray, lengths_C: np.ndarray, n_sources: int
                     base_I=np.repeat(np.arange(len(pieces)), sizes),
                     dir_I=dirs,
                     src_I=np.concatenate([cols for _, _, cols in pieces]),
-                    segments_m=np.concatenate([[0], np.cumsum(sizes)]),
                     n_real=int((dirs < n_sources).sum()),
                 )
             )
@@ -545,12 +554,9 @@ def run_sweep(
         forward_passes=0, null_forward_passes=0, clean_passes=0, clean_block_tokens=0, downstream_block_tokens=0
     )
 
-    # Cells in order of length (ties: given order), so that a chunk's clean pass and its ablation passes
-    # hold cells of similar length (little padding); the order depends on the cell list only.
-    by_length = np.argsort([len(cell.input_ids) for cell in cells], kind="stable")
-    chunk = cfg.cells_per_clean_pass
-    for first in range(0, len(cells) if S else 0, chunk):
-        batch_c = backend.collate([cells[i] for i in by_length[first : first + chunk]])
+    chunks = cell_chunks(cells, cfg.cells_per_clean_pass) if S else []  # no source feature: nothing to run
+    for chunk in chunks:
+        batch_c = backend.collate([cells[i] for i in chunk])
         C, Tc = batch_c.input_ids_BT.shape
         with torch.autocast(**amp):
             h = backend.embed(batch_c)
@@ -565,7 +571,7 @@ def run_sweep(
             z_CST = z_CST.transpose(1, 2)
         fired_CS = (z_CST > 0).any(dim=2).cpu().numpy()
         n_S += fired_CS.sum(axis=0)
-        lengths_C = batch_c.keep_BT.sum(dim=1).cpu().numpy()
+        lengths_C = np.array([len(cells[i].input_ids) for i in chunk])
         for p in _passes_of_chunk(fired_CS, lengths_C, S, cfg):
             T = int(lengths_C[p.cells_m].max())
             _ablation_batch(plan, batch_c, h, z_CST, p, T)
@@ -629,10 +635,11 @@ def _ablation_batch(plan: _Plan, batch_c: Batch, h_CTD: torch.Tensor, z_CST: tor
     # Every row a copy of its clean row; the ablated rows minus z·v where their feature fires.
     bases = torch.arange(m, device=device)
     slot_B = torch.cat([bases, base_I])
-    h_BTD = h_CTD[:, :T].index_select(0, cells_m[slot_B])
+    cell_B = cells_m[slot_B]
+    h_BTD = h_CTD[:, :T].index_select(0, cell_B)
     row_C = m + item_C
     h_BTD[row_C, pos_C] -= (z_IT[item_C, pos_C, None] * plan.dir_ID[dir_I[item_C]]).to(h_BTD.dtype)
-    batch = batch_c.select(cells_m[slot_B], length=T)
+    batch = batch_c.select(cell_B, length=T)
     # Read positions: each clean row at the union of its items' response positions (U pairs), then the
     # N (item, position) pairs; one gather (or one `block_at`) and one SAE encode per target layer.
     resp_IT = fires_IT if plan.response == "firing" else batch.gene_BT[m:]
@@ -685,6 +692,7 @@ __all__ = [
     "SELECTION_STRATEGIES",
     "SweepConfig",
     "SweepStats",
+    "cell_chunks",
     "cells_digest",
     "merge_stats",
     "null_directions",

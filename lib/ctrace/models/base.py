@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from ctrace.errors import CtraceInputError
 
 
-
 @dataclass(frozen=True)
 class Edits:
     """A promise about a batch (an ablation batch): every row is a copy of one of its base rows, edited only
