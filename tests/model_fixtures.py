@@ -1,8 +1,8 @@
 """Tiny checkpoints in the official on-disk formats, for tests (model_formats.md §1.11, §2.8).
 
-With `/work/shared/data` present the fixtures use the REAL vocabularies (Geneformer V2 gc104M
-dictionaries; scGPT census vocab + 3 specials = 60,697 tokens); without it, small synthetic ones in the
-same formats. Other test modules import these functions: keep their names and signatures stable.
+With the workplace's shared data present (`SHARED_DATA`: $CTRACE_SHARED_DATA, else `../shared/data` next
+to the checkout) the fixtures use the REAL vocabularies (Geneformer V2 gc104M dictionaries; scGPT census
+vocab + 3 specials = 60,697 tokens); without it, small synthetic ones in the same formats. Other test modules import these functions: keep their names and signatures stable.
 """
 
 from __future__ import annotations

@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
 
 GF_SOURCES = [
-    pytest.param("real", marks=pytest.mark.skipif(not have_real_geneformer_dicts(), reason="no /work/shared V2 dictionaries")),
+    pytest.param("real", marks=pytest.mark.skipif(not have_real_geneformer_dicts(), reason="no shared V2 dictionaries")),
     "synthetic",
 ]
 SC_SOURCES = [
-    pytest.param("real", marks=pytest.mark.skipif(not have_real_scgpt_vocab(), reason="no /work/shared scGPT vocab")),
+    pytest.param("real", marks=pytest.mark.skipif(not have_real_scgpt_vocab(), reason="no shared scGPT vocab")),
     "synthetic",
 ]
 

@@ -24,10 +24,10 @@ from ctrace.vocab import (
     load_scgpt_vocab,
     write_geneformer_dictionaries,
 )
+from model_fixtures import REAL_GENEFORMER_DICTS, REAL_SCGPT_CENSUS_VOCAB
 
-SHARED = Path("/work/shared/data")
-GF_DIR = SHARED / "geneformer"
-SCGPT_VOCAB = SHARED / "scgpt" / "default_census_vocab.json"
+GF_DIR = REAL_GENEFORMER_DICTS
+SCGPT_VOCAB = REAL_SCGPT_CENSUS_VOCAB
 
 G = [f"ENSG0000000000{i}" for i in range(1, 7)]  # G[0] = ENSG…01 … G[5] = ENSG…06
 MEDIANS = [1.0, 2.0, 0.5, 4.0, 1.0, 3.0]

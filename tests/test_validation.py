@@ -1,7 +1,5 @@
 """Gene-level validation: Replogle-layout perturbation tables, directional accuracy, TRRUST precision."""
 
-from pathlib import Path
-
 import anndata
 import numpy as np
 import pandas as pd
@@ -16,8 +14,9 @@ from ctrace.validation import (
     load_tf_targets,
     tf_target_precision,
 )
+from model_fixtures import SHARED_DATA
 
-TRRUST_REAL = Path("/work/shared/data/trrust_rawdata.human.tsv")
+TRRUST_REAL = SHARED_DATA / "trrust_rawdata.human.tsv"
 
 MEASURED = ["GA", "GB", "GC", "GD"]
 ENSG = [f"ENSG0000000000{i}" for i in range(len(MEASURED))]
