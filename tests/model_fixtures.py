@@ -2,7 +2,8 @@
 
 With the workplace's shared data present (`SHARED_DATA`: $CTRACE_SHARED_DATA, else `../shared/data` next
 to the checkout) the fixtures use the REAL vocabularies (Geneformer V2 gc104M dictionaries; scGPT census
-vocab + 3 specials = 60,697 tokens); without it, small synthetic ones in the same formats. Other test modules import these functions: keep their names and signatures stable.
+vocab + 3 specials = 60,697 tokens); without it, small synthetic ones in the same formats. Other test
+modules import these names: keep them and their signatures stable.
 """
 
 from __future__ import annotations
