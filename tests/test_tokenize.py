@@ -24,10 +24,12 @@ from ctrace.vocab import (
     load_scgpt_vocab,
     write_geneformer_dictionaries,
 )
-from model_fixtures import REAL_GENEFORMER_DICTS, REAL_SCGPT_CENSUS_VOCAB
-
-GF_DIR = REAL_GENEFORMER_DICTS
-SCGPT_VOCAB = REAL_SCGPT_CENSUS_VOCAB
+from model_fixtures import (
+    REAL_GENEFORMER_DICTS,
+    REAL_SCGPT_CENSUS_VOCAB,
+    have_real_geneformer_dicts,
+    have_real_scgpt_vocab,
+)
 
 G = [f"ENSG0000000000{i}" for i in range(1, 7)]  # G[0] = ENSG…01 … G[5] = ENSG…06
 MEDIANS = [1.0, 2.0, 0.5, 4.0, 1.0, 3.0]
@@ -330,10 +332,10 @@ def pbmc():
 
 
 def test_pbmc68k_geneformer_v2_real_dictionaries(pbmc):
-    if not GF_DIR.is_dir():
-        pytest.skip(f"{GF_DIR} absent")
+    if not have_real_geneformer_dicts():
+        pytest.skip(f"{REAL_GENEFORMER_DICTS} absent")
     counts, symbols, n_counts, obs = pbmc
-    dicts = load_geneformer_dictionaries(GF_DIR, "V2")
+    dicts = load_geneformer_dictionaries(REAL_GENEFORMER_DICTS, "V2")
     cells, report = tokenize_geneformer(sp.csr_matrix(counts), symbols, n_counts, dicts, obs)
 
     # independent: symbol → ID (exact name table, else upper-cased mapping restricted to token genes)
@@ -371,11 +373,11 @@ def test_pbmc68k_geneformer_v2_real_dictionaries(pbmc):
 
 
 def test_pbmc68k_scgpt_real_vocab(pbmc):
-    if not SCGPT_VOCAB.is_file():
-        pytest.skip(f"{SCGPT_VOCAB} absent")
+    if not have_real_scgpt_vocab():
+        pytest.skip(f"{REAL_SCGPT_CENSUS_VOCAB} absent")
     counts, symbols, _, obs = pbmc
-    vocab = load_scgpt_vocab(SCGPT_VOCAB)  # appends <pad>, <cls>, <eoc>
-    raw = json.loads(SCGPT_VOCAB.read_text())
+    vocab = load_scgpt_vocab(REAL_SCGPT_CENSUS_VOCAB)  # appends <pad>, <cls>, <eoc>
+    raw = json.loads(REAL_SCGPT_CENSUS_VOCAB.read_text())
     assert (vocab["<pad>"], vocab["<cls>"], vocab["<eoc>"]) == (60694, 60695, 60696)
     cells, report = tokenize_scgpt(sp.csr_matrix(counts[:100]), symbols, vocab, obs[:100], seed=11)
 
