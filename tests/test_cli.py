@@ -1,6 +1,7 @@
 """The `ctrace` command: help lists every step; input errors are one clear line, exit status 2."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -172,7 +173,6 @@ def _bad_cases(f):
 def test_bad_input_is_one_clear_line(bad_inputs, case, capsys):
     """In-process (the subprocess tests above cover the entry point): any exception other than the CLI's
     own exit would propagate and fail the test."""
-    import re
 
     from ctrace.cli import main
 
@@ -184,3 +184,86 @@ def test_bad_input_is_one_clear_line(bad_inputs, case, capsys):
     stderr = capsys.readouterr().err
     assert status == 2, stderr
     assert re.search(message, stderr), stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--threads", "-1", "check-config", "x"], "--threads: -1 is below the minimum 1"),
+        (["select-features", "--metrics", "m", "--annotation", "a", "--strategy", "random", "--seed", "-1",
+          "--out", "o"], "--seed: -1 is below the minimum 0"),
+        (["select-features", "--metrics", "m", "--annotation", "a", "--strategy", "random", "--seed",
+          "99999999999999999999", "--out", "o"], "--seed: 99999999999999999999 is above the maximum 4294967295"),
+        (["coherence", "--model", "m", "--condition", "c", "--edges", "e", "--significant", "s", "--features", "f",
+          "--swaps-per-edge", "nan", "--out-json", "o", "--out-top-edges", "t"],
+         "--swaps-per-edge: 'nan' is not a finite number"),
+        (["coherence", "--model", "m", "--condition", "c", "--edges", "e", "--significant", "s", "--features", "f",
+          "--swaps-per-edge", "0", "--out-json", "o", "--out-top-edges", "t"],
+         r"--swaps-per-edge: 0\.0 is not above the minimum 0\.0"),
+        (["annotate", "--kind", "scgpt", "--checkpoint", "c", "--sae", "s", "--layer", "0", "--dumps", "d",
+          "--tokenized", "t", "--gene-sets", "hallmark", "--q", "5", "--out-features", "f",
+          "--out-significant", "g"], "--q: 5.0 is above the maximum 1.0"),
+        (["fit-sae", "--dumps", "a", "./a", "--model", "m", "--sae-set", "s", "--layer", "0", "--device", "cpu",
+          "--out-stem", "o", "--metrics", "m.json"], r"dump\(s\) \['./a', 'a'\] given more than once in --dumps"),
+    ],
+)
+def test_out_of_range_options_are_one_clear_line(argv, message, capsys):
+    from ctrace.cli import main
+
+    try:
+        status = main(argv)
+    except SystemExit as err:  # argparse's own usage errors
+        status = err.code
+    stderr = capsys.readouterr().err
+    assert status == 2 and re.search(message, stderr), stderr
+
+
+def test_numeric_looking_cell_names_survive_selection_and_tokenization(tmp_path):
+    """Names such as "00041" or "NA" are names, not numbers or missing values, in the cell tables."""
+    import model_fixtures as fx
+
+    from ctrace.data import demo_anndata
+    from ctrace.tokenize import TokenizedCells
+
+    adata = demo_anndata()
+    adata.obs_names = ["NA"] + [f"{i:05d}" for i in range(1, adata.n_obs)]
+    h5ad = tmp_path / "numeric.h5ad"
+    adata.write_h5ad(h5ad)
+    where = ["--condition", "all", "--h5ad", str(h5ad)]
+    cells = tmp_path / "cells.tsv"
+    done = run("select-cells", *where, "--trace-cells", str(adata.n_obs), "--out", str(cells))
+    assert done.returncode == 0, done.stderr
+    model_dir = fx.write_tiny_scgpt(tmp_path, gene_vocab={g: i for i, g in enumerate(adata.var_names)})
+    out = {name: tmp_path / f"{name}.npz" for name in ("trace", "sae")}
+    done = run("tokenize", *where, "--kind", "scgpt", "--checkpoint", str(model_dir), "--cells", str(cells),
+               "--out-trace", str(out["trace"]), "--out-sae", str(out["sae"]), "--report", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr
+    assert sorted(TokenizedCells.load(out["trace"]).obs_names) == sorted(adata.obs_names)
+
+
+def test_an_empty_source_selection_gives_an_empty_shard_and_empty_edges(bad_inputs, tmp_path):
+    """select-features may find no qualifying feature (e.g. `annotated` on a layer without annotations)."""
+    import torch
+
+    from ctrace.cli import main
+    from ctrace.sae import SAEShape, TopKSAE, save_sae
+    from ctrace.trace import SweepStats
+
+    f = bad_inputs
+    stems = []
+    for layer in (0, 1):
+        stems.append(str(tmp_path / f"layer{layer}"))
+        save_sae(stems[-1], TopKSAE(SAEShape(32, 16, 4), generator=torch.Generator().manual_seed(layer)), {"layer": layer})
+    (tmp_path / "none.tsv").write_text("feature\tfiring_frequency\tn_significant\n")
+    gf = ["--kind", "geneformer", "--checkpoint", str(f["gf_model"]), "--dictionaries", str(f["gf_dicts"])]
+    shard = tmp_path / "shard0.npz"
+    assert main(["sweep", *gf, "--device", "cpu", "--tokenized", str(f["root"] / "gf_cells.npz"), "--saes", *stems,
+                 "--layer", "0", "--sources", str(tmp_path / "none.tsv"), "--shard", "0",
+                 "--features-per-shard", "4", "--out", str(shard)]) == 0
+    assert SweepStats.load(shard).source_features_S.size == 0
+    outs = {name: str(tmp_path / name) for name in ("c.parquet", "r.parquet", "s.json", "s.tsv")}
+    assert main(["edges", "--model", "gf", "--condition", "c", "--stats", str(shard), "--out-corrected",
+                 outs["c.parquet"], "--out-reference", outs["r.parquet"], "--summary-json", outs["s.json"],
+                 "--summary-tsv", outs["s.tsv"]]) == 0
+    assert len(pd.read_parquet(outs["c.parquet"])) == 0
+    assert json.loads(Path(outs["s.json"]).read_text())["corrected"]["edges"] == 0

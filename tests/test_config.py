@@ -88,3 +88,78 @@ def test_load_config_reports_bad_yaml(tmp_path):
     path.write_text("models: [unclosed\n")
     with pytest.raises(CtraceInputError, match="not valid YAML"):
         load_config(path)
+
+
+def test_real_checkpoints_of_both_kinds_validate_and_are_read(raw_config, tmp_path):
+    import model_fixtures as fx
+
+    gf_dir, dict_dir = fx.write_tiny_geneformer(tmp_path, fx.write_synthetic_geneformer_dictionaries(tmp_path / "d"))
+    raw_config["models"]["geneformer"].update(checkpoint=str(gf_dir), dictionaries=str(dict_dir))
+    raw_config["models"]["scgpt"]["checkpoint"] = str(fx.write_tiny_scgpt(tmp_path, gene_vocab={"A": 0, "B": 1}))
+    config = validate_config(raw_config)
+    assert config["models"]["scgpt"]["max_seq_len"] == 1200 and "dictionaries" not in config["models"]["scgpt"]
+    assert config["models"]["geneformer"]["version"] == "V2" and "max_seq_len" not in config["models"]["geneformer"]
+    raw_config["activations"] = {"layers": [0, 3]}  # the tiny checkpoints have 3 blocks
+    raw_config["sae"] = {"expansion": 1, "k": 33}  # wider than expansion × d_model 32
+    with pytest.raises(CtraceInputError) as err:
+        validate_config(raw_config)
+    text = str(err.value)
+    assert "activations.layers: [3] out of range for geneformer (3 layers)" in text
+    assert "activations.layers: [3] out of range for scgpt (3 layers)" in text
+    assert "sae.k: 33 exceeds geneformer's SAE width" in text
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "config.json: not found"),
+        ("{not json", "config.json: not valid JSON"),
+        ('{"architectures": ["BertForMaskedLM"], "model_type": "bert"}', "'vocab_size' is missing"),
+    ],
+)
+def test_a_checkpoint_folder_without_a_readable_config_is_named(raw_config, tmp_path, content, message):
+    (tmp_path / "gf").mkdir()
+    (tmp_path / "dicts").mkdir()
+    if content is not None:
+        (tmp_path / "gf" / "config.json").write_text(content)
+    raw_config["models"]["geneformer"].update(checkpoint=str(tmp_path / "gf"), dictionaries=str(tmp_path / "dicts"))
+    with pytest.raises(CtraceInputError, match=rf"models\.geneformer\.checkpoint: .*{message}"):
+        validate_config(raw_config)
+
+
+@pytest.mark.parametrize(
+    "model, key, value",
+    [("scgpt", "dictionaries", "demo"), ("scgpt", "version", "V1"), ("geneformer", "max_seq_len", 2048)],
+)
+def test_a_key_the_other_model_kind_reads_is_an_error_not_ignored(raw_config, model, key, value):
+    raw_config["models"][model][key] = value
+    with pytest.raises(CtraceInputError, match=rf"models\.{model}\.{key}: only .* models read it.*remove the key"):
+        validate_config(raw_config)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("sae_sets", "pbmc", {"conditions": ["b_cell", "nk_cell", "b_cell"]}, r"sae_sets\.pbmc\.conditions: .*non-unique"),
+        ("activations", "layers", [1, 1, 2], r"activations\.layers: .*non-unique"),
+        ("sweep", "source_layers", [0, 0], r"sweep\.source_layers: .*non-unique"),
+        ("sweep", "selection", "explicit", r"sweep\.features: selection 'explicit' needs at least one feature id"),
+        ("sweep", "features", [1, 2], r"sweep\.features: only read with selection 'explicit'"),
+        ("demo", "n_heads", 3, r"demo\.n_heads: 3 does not divide demo\.d_model 64"),
+        ("sae", "k", 10_000, r"sae\.k: 10000 exceeds the demo SAEs' width \(sae\.expansion × demo\.d_model = 256\)"),
+        ("annotation", "gene_sets", ["hallmrk"], r"annotation\.gene_sets: 'hallmrk' is neither a bundled library"),
+    ],
+)
+def test_values_that_would_fail_late_or_be_ignored_are_config_errors(raw_config, section, key, value, message):
+    raw_config[section] = {**raw_config.get(section, {}), key: value}
+    if section == "sae":
+        raw_config["sae"]["expansion"] = 4
+    with pytest.raises(CtraceInputError, match=message):
+        validate_config(raw_config)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**31])
+def test_seed_out_of_range(raw_config, seed):
+    raw_config["seed"] = seed
+    with pytest.raises(CtraceInputError, match=r"seed: "):
+        validate_config(raw_config)

@@ -18,24 +18,31 @@ from ctrace.errors import CtraceInputError
 log = logging.getLogger("ctrace")
 
 
-def _bounded(convert: type, low: float, high: float = math.inf):
-    """argparse type: `convert(text)` within [low, high] (counts, indices, thresholds), else a clear message."""
+def _bounded(convert: type, low: float, high: float = math.inf, open_interval: bool = False):
+    """argparse type: `convert(text)` within [low, high] ((low, high) if `open_interval`; counts, indices,
+    thresholds), else a clear message."""
 
     def parse(text: str):
         try:
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if convert is int else 'a number'}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
-        if value > high:
-            raise argparse.ArgumentTypeError(f"{value} is above the maximum {high}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if value < low or (open_interval and value == low):
+            below = "not above" if open_interval else "below"
+            raise argparse.ArgumentTypeError(f"{value} is {below} the minimum {low}")
+        if value > high or (open_interval and value == high):
+            above = "not below" if open_interval else "above"
+            raise argparse.ArgumentTypeError(f"{value} is {above} the maximum {high}")
         return value
 
     return parse
 
 
 POSITIVE, NON_NEGATIVE, FRACTION = _bounded(int, 1), _bounded(int, 0), _bounded(float, 0.0, 1.0)
+SEED = _bounded(int, 0, 2**32 - 1)  # numpy's and torch's seeding accept this range on every platform
+POSITIVE_NUMBER = _bounded(float, 0.0, open_interval=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +140,9 @@ def cmd_tokenize(args) -> None:
     from ctrace.data import load_condition
     from ctrace.io import read_table, write_json
 
-    cells = read_table(args.cells, "a cell table (select-cells output: obs_name, split)", ["obs_name", "split"])
-    cells = cells.astype({"obs_name": str, "split": str})
+    cells = read_table(
+        args.cells, "a cell table (select-cells output: obs_name, split)", ["obs_name", "split"], as_text=True
+    )
     unknown = sorted(set(cells["split"]) - {"trace", "sae"})
     if unknown:
         raise CtraceInputError(f"{args.cells}: split values {unknown[:5]} are not 'trace' or 'sae'; re-run select-cells")
@@ -202,6 +210,13 @@ def cmd_fit_sae(args) -> None:
         expansion=args.expansion, k=args.k, lr=args.lr, batch_size=args.batch_size, n_steps=args.n_steps,
         heldout_fraction=args.heldout_fraction, seed=args.seed, device=device,
     )
+    resolved = [str(Path(stem).resolve()) for stem in args.dumps]
+    repeated = sorted({stem for stem, path in zip(args.dumps, resolved) if resolved.count(path) > 1})
+    if repeated:
+        raise CtraceInputError(
+            f"fit-sae: dump(s) {repeated} given more than once in --dumps; the same cells would land in both the "
+            "training and the held-out split. List each condition once (sae_sets.<set>.conditions)"
+        )
     result = train_sae(_dump_sources(args.dumps), cfg)
     sidecar = result.sidecar(model=args.model, sae_set=args.sae_set, layer=args.layer)
     save_sae(args.out_stem, result.sae, sidecar)
@@ -292,10 +307,15 @@ def cmd_select_features(args) -> None:
     )
     write_tsv(args.out, pd.DataFrame({"feature": chosen, "firing_frequency": frequency[chosen],
                                       "n_significant": scores[chosen].astype(int)}))
-    log.info("layer source features (%s): %d selected", args.strategy, len(chosen))
+    log.info("layer %s source features (%s): %d selected", metrics["layer"], args.strategy, len(chosen))
+    if args.strategy in ("top_frequency", "annotated", "random") and len(chosen) < args.n:
+        why = " (features with at least one significant gene set)" if args.strategy == "annotated" else ""
+        log.warning("layer %s: only %d of the %d requested source features qualify for %r%s",
+                    metrics["layer"], len(chosen), args.n, args.strategy, why)
 
 
 def cmd_sweep(args) -> None:
+    import numpy as np
     import pandas as pd
 
     from ctrace.io import read_table
@@ -303,9 +323,9 @@ def cmd_sweep(args) -> None:
     from ctrace.trace import SweepConfig, run_sweep
 
     sources = read_table(args.sources, "a source-feature table (select-features output)", ["feature"])
-    if not pd.api.types.is_integer_dtype(sources["feature"]):
+    if len(sources) and not pd.api.types.is_integer_dtype(sources["feature"]):
         raise CtraceInputError(f"{args.sources}: column 'feature' must hold integer feature ids")
-    selected = sources["feature"].to_numpy()
+    selected = sources["feature"].to_numpy(dtype=np.int64)  # a header-only table: no source feature
     # a shard beyond the list is empty (a selection may return fewer features than the config asks for)
     shard = selected[args.shard * args.features_per_shard : (args.shard + 1) * args.features_per_shard]
     backend = _load_backend(args)
@@ -534,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrace", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads", type=POSITIVE, default=None,
         help="CPU threads for torch (the rule's `threads`; oversubscribed cores slow torch down badly)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -552,11 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--h5ad", required=True)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--report", required=True)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-layers", type=POSITIVE, default=4)
+    p.add_argument("--d-model", type=POSITIVE, default=64)
+    p.add_argument("--n-heads", type=POSITIVE, default=4)
+    p.add_argument("--pretrain-steps", type=NON_NEGATIVE, default=300)
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_demo_model)
 
     p = sub.add_parser("select-cells", help="filter a condition's cells and split them (trace / SAE)")
@@ -569,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sae-includes-traced", action="store_true",
         help="draw the SAE cells from all cells, traced ones first (default: from the cells not traced)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_select_cells)
 
@@ -582,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gene-column", default="index")
     p.add_argument("--n-counts-column")
     p.add_argument("--max-seq-len", type=POSITIVE, default=1200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out-trace", required=True)
     p.add_argument("--out-sae", required=True)
     p.add_argument("--report", required=True)
@@ -594,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=NON_NEGATIVE, required=True)
     p.add_argument("--positions-per-cell", type=POSITIVE, default=64)
     p.add_argument("--batch-size", type=POSITIVE, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out-stem", required=True)
     p.set_defaults(func=cmd_dump_activations)
 
@@ -605,11 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=NON_NEGATIVE, required=True)
     p.add_argument("--expansion", type=POSITIVE, default=4)
     p.add_argument("--k", type=POSITIVE, default=32)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=POSITIVE_NUMBER, default=2e-4)
     p.add_argument("--batch-size", type=POSITIVE, default=4096)
     p.add_argument("--n-steps", type=POSITIVE)
-    p.add_argument("--heldout-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout-fraction", type=_bounded(float, 0.0, 1.0, open_interval=True), default=0.1)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out-stem", required=True)
     p.add_argument("--metrics", required=True)
@@ -629,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gene-sets", nargs="+", required=True, help="bundled names (hallmark, reactome, go_bp) or GMT paths")
     p.add_argument("--n-top", type=POSITIVE, default=20)
     p.add_argument("--min-support", type=NON_NEGATIVE, default=3)
-    p.add_argument("--q", type=float, default=0.05)
+    p.add_argument("--q", type=FRACTION, default=0.05)
     p.add_argument("--out-features", required=True)
     p.add_argument("--out-significant", required=True)
     p.set_defaults(func=cmd_annotate)
@@ -639,8 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotation", required=True, help="features table from annotate")
     p.add_argument("--strategy", required=True, choices=["top_frequency", "annotated", "random", "explicit", "all"])
     p.add_argument("--n", type=POSITIVE, default=30)
-    p.add_argument("--features", type=int, nargs="*", help="explicit feature ids")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--features", type=NON_NEGATIVE, nargs="*", help="explicit feature ids")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_select_features)
 
@@ -659,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cells per clean pass (blocks 0..L) and per window in which passes pack cells of similar length")
     p.add_argument("--response", default="firing", choices=["firing", "all"])
     p.add_argument("--null-draws", type=NON_NEGATIVE, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sweep)
 
@@ -685,8 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_null_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--n-permutations", type=POSITIVE, default=1000)
-        p.add_argument("--swaps-per-edge", type=float, default=10)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--swaps-per-edge", type=POSITIVE_NUMBER, default=10)
+        p.add_argument("--seed", type=SEED, default=0)
 
     p = sub.add_parser("coherence", help="coherence of edges vs degree-preserving rewiring; annotated top edges")
     p.add_argument("--model", required=True)

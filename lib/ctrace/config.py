@@ -14,6 +14,7 @@ import jsonschema
 import yaml
 
 from ctrace.errors import CtraceInputError
+from ctrace.genesets import BUNDLED_GMT_FILES
 
 DEMO = "demo"
 
@@ -50,15 +51,50 @@ def validate_config(config: dict[str, Any], schema: Path | None = None, check_fi
     schema_file = schema or schema_path()
     schema_doc = yaml.safe_load(Path(schema_file).read_text())
     config = copy.deepcopy(config)
+    models = config.get("models") if isinstance(config, dict) else None
+    # the keys the user gave, before the schema's defaults are filled in
+    given_model_keys = (
+        {name: set(b) for name, b in models.items() if isinstance(b, dict)} if isinstance(models, dict) else {}
+    )
     errors = sorted(_Validator(schema_doc).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise CtraceInputError("invalid config:\n" + "\n".join(_describe(e) for e in errors))
     # defaults of nested objects created by a default ({}) are filled on a second pass
     _Validator(schema_doc).validate(config)
+    _check_model_keys(config, given_model_keys)
     _check_references(config)
     if check_files:
         _check_files(config)
     return config
+
+
+# Keys that only one model kind reads (default filled in for that kind; None = no default): given for the
+# other kind they would be silently ignored, so they are an error there.
+KIND_KEYS = {
+    "geneformer": {"dictionaries": None, "version": "V2"},
+    "scgpt": {"max_seq_len": 1200},
+}
+_WRONG_KIND_HINTS = {
+    "dictionaries": "scGPT reads vocab.json from its checkpoint folder",
+    "version": "scGPT has one vocabulary, vocab.json in its checkpoint folder",
+    "max_seq_len": "Geneformer's length is its checkpoint's max_position_embeddings",
+}
+
+
+def _check_model_keys(config: dict, given: dict[str, set]) -> None:
+    """Kind-specific keys: an error where the other kind's key is given, else its default filled in."""
+    problems = []
+    for name, block in config["models"].items():
+        for kind, keys in KIND_KEYS.items():
+            for key, default in keys.items():
+                if kind == block["kind"] and default is not None:
+                    block.setdefault(key, default)
+                elif kind != block["kind"] and key in given.get(name, ()):
+                    problems.append(
+                        f"  models.{name}.{key}: only {kind} models read it ({_WRONG_KIND_HINTS[key]}); remove the key"
+                    )
+    if problems:
+        raise CtraceInputError("invalid config:\n" + "\n".join(problems))
 
 
 def load_config(path: str | Path, check_files: bool = True) -> dict:
@@ -82,6 +118,18 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"  {where}: {error.message}"
     if error.validator == "enum":
         return f"  {where}: {error.instance!r} is not one of {error.validator_value}"
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        # e.g. layers: all | [indices]: say what is wrong within the alternative the value's type picks
+        specific = [
+            e
+            for e in error.context
+            if e.validator not in ("const", "type", "enum") or list(e.absolute_path) != list(error.absolute_path)
+        ]
+        if specific:
+            return "\n".join(dict.fromkeys(_describe(e) for e in specific))
+        kinds = {"array": "a list", "string": "a string", "integer": "an integer", "object": "a mapping"}
+        options = [repr(o["const"]) if "const" in o else kinds.get(o.get("type"), "?") for o in error.validator_value]
+        return f"  {where}: {error.instance!r} is not one of: {', '.join(options)}"
     if error.validator == "propertyNames":
         return f"  {where}: name {error.instance!r} may only contain letters, digits and '_'"
     return f"  {where}: {error.message}"
@@ -101,16 +149,36 @@ def _check_references(config: dict) -> None:
             if condition not in conditions:
                 problems.append(f"  sae_sets.{name}.conditions: {condition!r} is not a condition")
     for name, block in config["models"].items():
-        if block["kind"] == "geneformer" and "dictionaries" not in block:
+        if block["kind"] != "geneformer":
+            continue
+        if "dictionaries" not in block:
             problems.append(
                 f"  models.{name}.dictionaries: required for Geneformer (the folder with the "
                 "*_gc104M.pkl files, or 'demo')"
             )
-        if block["kind"] == "scgpt" and "dictionaries" in block:
-            problems.append(f"  models.{name}.dictionaries: scGPT reads vocab.json from its checkpoint folder")
-        if (block["checkpoint"] == DEMO) != (block.get("dictionaries", DEMO) == DEMO):
+        elif (block["checkpoint"] == DEMO) != (block["dictionaries"] == DEMO):
             problems.append(f"  models.{name}: checkpoint and dictionaries must both be 'demo' or both paths")
+    demo = config["demo"]
+    if demo["d_model"] % demo["n_heads"]:
+        problems.append(f"  demo.n_heads: {demo['n_heads']} does not divide demo.d_model {demo['d_model']}")
+    sae = config["sae"]
+    if any(block["checkpoint"] == DEMO for block in config["models"].values()):
+        width = sae["expansion"] * demo["d_model"]
+        if sae["k"] > width:
+            problems.append(
+                f"  sae.k: {sae['k']} exceeds the demo SAEs' width (sae.expansion × demo.d_model = {width})"
+            )
+        too_big = [f for f in config["sweep"]["features"] if f >= width]
+        if too_big:
+            problems.append(f"  sweep.features: {too_big} out of range for the demo SAEs' {width} features")
     sweep = config["sweep"]
+    if sweep["selection"] == "explicit" and not sweep["features"]:
+        problems.append("  sweep.features: selection 'explicit' needs at least one feature id")
+    if sweep["selection"] != "explicit" and sweep["features"]:
+        problems.append(
+            f"  sweep.features: only read with selection 'explicit' (selection is {sweep['selection']!r}); "
+            "remove the list or set sweep.selection: explicit"
+        )
     if sweep["features_per_shard"] % sweep["features_per_batch"]:
         problems.append(
             f"  sweep.features_per_shard ({sweep['features_per_shard']}) must be a multiple of "
@@ -128,6 +196,32 @@ def _check_files(config: dict) -> None:
             value = block.get(key)
             if value is not None and value != DEMO and not Path(value).is_dir():
                 problems.append(f"  models.{name}.{key}: folder {value!r} not found")
+        if block["checkpoint"] != DEMO and Path(block["checkpoint"]).is_dir():
+            from ctrace.models import checkpoint_shape  # torch: imported only for real checkpoints
+
+            try:
+                shape = checkpoint_shape(block["kind"], block["checkpoint"])
+            except CtraceInputError as err:
+                problems.append(f"  models.{name}.checkpoint: {err}")
+                continue
+            layers = config["activations"]["layers"]
+            bad = [] if layers == "all" else [layer for layer in layers if layer >= shape.n_layers]
+            if bad:
+                problems.append(f"  activations.layers: {bad} out of range for {name} ({shape.n_layers} layers)")
+            width = config["sae"]["expansion"] * shape.d_model
+            if config["sae"]["k"] > width:
+                problems.append(
+                    f"  sae.k: {config['sae']['k']} exceeds {name}'s SAE width (sae.expansion × {shape.d_model})"
+                )
+            too_big = [f for f in config["sweep"]["features"] if f >= width]
+            if too_big:
+                problems.append(f"  sweep.features: {too_big} out of range for {name}'s SAEs ({width} features)")
+    for entry in config["annotation"]["gene_sets"]:
+        if entry not in BUNDLED_GMT_FILES and not Path(entry).is_file():
+            problems.append(
+                f"  annotation.gene_sets: {entry!r} is neither a bundled library ({', '.join(BUNDLED_GMT_FILES)}) "
+                "nor an existing GMT file"
+            )
     for name, block in config["conditions"].items():
         if block["h5ad"] != DEMO and not Path(block["h5ad"]).is_file():
             problems.append(f"  conditions.{name}.h5ad: file {block['h5ad']!r} not found")

@@ -91,17 +91,19 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 UNREADABLE_FILE_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 
 
-def read_table(path: str | os.PathLike, what: str, columns: Sequence[str] = ()):
+def read_table(path: str | os.PathLike, what: str, columns: Sequence[str] = (), as_text: bool = False):
     """A Parquet (`.parquet`) or tab-separated table with at least `columns`, else a CtraceInputError that
-    names the file and says what it should be (`what`, e.g. "an edge table (the edges step's Parquet)")."""
+    names the file and says what it should be (`what`, e.g. "an edge table (the edges step's Parquet)").
+    as_text: a TSV's fields are kept as written (names such as "00041" or "NA" stay strings)."""
     import pandas as pd
 
     path = Path(path)
     if not path.is_file():
         raise CtraceInputError(f"{path}: not found; expected {what}")
     parquet = path.suffix == ".parquet"
+    text = {"dtype": str, "keep_default_na": False} if as_text else {}
     try:
-        frame = pd.read_parquet(path) if parquet else pd.read_csv(path, sep="\t")
+        frame = pd.read_parquet(path) if parquet else pd.read_csv(path, sep="\t", **text)
     except UNREADABLE_FILE_ERRORS as err:
         kind = "Parquet" if parquet else "a tab-separated table"
         raise CtraceInputError(f"{path}: cannot be read as {kind} ({type(err).__name__}: {err}); expected {what}") from None
@@ -165,4 +167,10 @@ def load_restricted_pickle(path: str | os.PathLike) -> Any:
             raise CtraceInputError(
                 f"{path}: refused to unpickle ({err}); only plain dictionaries of strings and numbers "
                 "are accepted. Use the official Geneformer dictionary files."
+            ) from None
+        except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, MemoryError) as err:
+            # what the unpickler raises on bytes that are not a (complete) pickle
+            raise CtraceInputError(
+                f"{path}: not a readable pickle ({type(err).__name__}: {err}); the file is truncated or of "
+                "another format. Use the official Geneformer dictionary files."
             ) from None

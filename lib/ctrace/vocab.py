@@ -70,7 +70,8 @@ def load_geneformer_dictionaries(directory: str | os.PathLike, version: str = "V
         if not isinstance(obj, dict):
             raise CtraceInputError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
         loaded[field] = obj
-    token_dict = {str(k): int(v) for k, v in loaded["token_dict"].items()}
+    files = {field: directory / name for field, name in GENEFORMER_FILES[version].items()}
+    token_dict = _typed(loaded["token_dict"], files["token_dict"], int, "gene id -> integer token id")
     for special in GENEFORMER_SPECIALS[version]:
         if special not in token_dict:
             raise CtraceInputError(
@@ -80,10 +81,28 @@ def load_geneformer_dictionaries(directory: str | os.PathLike, version: str = "V
     return GeneformerDictionaries(
         version=version,
         token_dict=token_dict,
-        gene_medians={str(k): float(v) for k, v in loaded["gene_medians"].items()},
-        gene_name_id={str(k): str(v) for k, v in loaded["gene_name_id"].items()},
-        ensembl_mapping={str(k): str(v) for k, v in loaded["ensembl_mapping"].items()},
+        gene_medians=_typed(loaded["gene_medians"], files["gene_medians"], float, "gene id -> median count"),
+        gene_name_id=_typed(loaded["gene_name_id"], files["gene_name_id"], str, "gene symbol -> gene id"),
+        ensembl_mapping=_typed(loaded["ensembl_mapping"], files["ensembl_mapping"], str, "id or symbol -> gene id"),
     )
+
+
+def _typed(obj: dict, path: Path, value_type: type, what: str) -> dict:
+    """{str(key): value_type(value)}; a clear error naming the file where a value does not convert."""
+    out = {}
+    for key, value in obj.items():
+        if value_type is str:
+            ok = isinstance(value, str)
+        else:
+            ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+            ok = ok and (value_type is float or float(value).is_integer())
+        if not ok:
+            raise CtraceInputError(
+                f"{path}: entry {key!r} -> {value!r} is not a Geneformer dictionary entry ({what}); "
+                "use the official Geneformer dictionary files"
+            )
+        out[str(key)] = value_type(value)
+    return out
 
 
 def write_geneformer_dictionaries(directory: str | os.PathLike, dicts: GeneformerDictionaries) -> None:

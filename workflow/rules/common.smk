@@ -1,5 +1,4 @@
 import itertools
-import json
 import shlex
 import zlib
 from pathlib import Path
@@ -100,22 +99,20 @@ def get_h5ad(wildcards):
     return DEMO_H5AD if path == DEMO else path
 
 
-def model_n_layers(model):
-    """Layers of a model: from its config file, or from the demo settings before it is built."""
+def model_shape(model):
+    """(blocks, width) of a model: from its checkpoint's config, or from the demo settings before it is built."""
     block = model_block(model)
     if block["checkpoint"] == DEMO:
-        return config["demo"]["n_layers"]
-    folder = Path(block["checkpoint"])
-    if block["kind"] == "geneformer":
-        return int(
-            json.loads((folder / "config.json").read_text())["num_hidden_layers"]
-        )
-    return int(json.loads((folder / "args.json").read_text())["nlayers"])
+        return config["demo"]["n_layers"], config["demo"]["d_model"]
+    from ctrace.models import checkpoint_shape  # torch: only for real checkpoints
+
+    shape = checkpoint_shape(block["kind"], block["checkpoint"])
+    return shape.n_layers, shape.d_model
 
 
 def model_layers(model):
     wanted = config["activations"]["layers"]
-    n_layers = model_n_layers(model)
+    n_layers = model_shape(model)[0]
     if wanted == "all":
         return list(range(n_layers))
     bad = [layer for layer in wanted if layer >= n_layers]
@@ -279,16 +276,6 @@ def get_all_annotations():
     ]
 
 
-def model_d_model(model):
-    block = model_block(model)
-    if block["checkpoint"] == DEMO:
-        return config["demo"]["d_model"]
-    folder = Path(block["checkpoint"])
-    if block["kind"] == "geneformer":
-        return int(json.loads((folder / "config.json").read_text())["hidden_size"])
-    return int(json.loads((folder / "args.json").read_text())["embsize"])
-
-
 def sweep_source_layers(model):
     """Source layers: every SAE layer that has a later SAE layer, unless the config lists them."""
     layers = model_layers(model)
@@ -305,7 +292,7 @@ def sweep_source_layers(model):
 
 def n_selected_features(model):
     sweep = config["sweep"]
-    n_features = config["sae"]["expansion"] * model_d_model(model)
+    n_features = config["sae"]["expansion"] * model_shape(model)[1]
     if sweep["selection"] == "all":
         return n_features
     if sweep["selection"] == "explicit":

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from ctrace.errors import CtraceInputError
 from ctrace.models.base import Backend, Batch, Cell
-from ctrace.models.geneformer import GeneformerBackend, build_geneformer, save_geneformer
-from ctrace.models.scgpt import ScGPTArgs, ScGPTBackend, ScGPTModel, build_scgpt, save_scgpt, whole_human_args
+from ctrace.models.geneformer import GeneformerBackend, build_geneformer, read_geneformer_config, save_geneformer
+from ctrace.models.scgpt import (
+    ScGPTArgs,
+    ScGPTBackend,
+    ScGPTModel,
+    build_scgpt,
+    read_scgpt_args,
+    save_scgpt,
+    whole_human_args,
+)
 
 BACKEND_KINDS = ("geneformer", "scgpt")
 
@@ -24,11 +33,30 @@ __all__ = [
     "ScGPTModel",
     "build_geneformer",
     "build_scgpt",
+    "checkpoint_shape",
     "load_backend",
     "save_geneformer",
     "save_scgpt",
     "whole_human_args",
 ]
+
+
+@dataclass(frozen=True)
+class CheckpointShape:
+    n_layers: int
+    d_model: int
+
+
+def checkpoint_shape(kind: str, model_dir: str | os.PathLike) -> CheckpointShape:
+    """Blocks and width of a model folder, from its checked config.json (Geneformer) or args.json (scGPT),
+    without loading the weights."""
+    if kind == "geneformer":
+        config = read_geneformer_config(model_dir)
+        return CheckpointShape(config["num_hidden_layers"], config["hidden_size"])
+    if kind == "scgpt":
+        _, args = read_scgpt_args(model_dir)
+        return CheckpointShape(args.nlayers, args.embsize)
+    raise CtraceInputError(f"model kind {kind!r} is not one of {BACKEND_KINDS}")
 
 
 def load_backend(

@@ -56,7 +56,7 @@ def read_geneformer_config(model_dir: str | os.PathLike) -> dict:
         raise CtraceInputError(f"{path}: not found; a Geneformer model folder holds config.json and model.safetensors")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CtraceInputError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise CtraceInputError(f"{path}: expected a JSON object")
@@ -77,7 +77,7 @@ def read_geneformer_config(model_dir: str | os.PathLike) -> dict:
         "intermediate_size",
         "type_vocab_size",
     ):
-        if not isinstance(config.get(key), int) or config[key] < 1:
+        if isinstance(config.get(key), bool) or not isinstance(config.get(key), int) or config[key] < 1:
             raise CtraceInputError(f"{path}: integer field {key!r} is missing or not a positive integer")
     if config["hidden_size"] % config["num_attention_heads"]:
         raise CtraceInputError(

@@ -94,6 +94,23 @@ class ScGPTArgs:
         )
 
 
+def read_scgpt_args(model_dir: str | os.PathLike) -> tuple[dict, ScGPTArgs]:
+    """args.json of an scGPT model folder (which must also hold best_model.pt and vocab.json): the file's
+    object and its checked model fields."""
+    model_dir = Path(model_dir)
+    for path in (model_dir / "args.json", model_dir / "best_model.pt", model_dir / "vocab.json"):
+        if not path.is_file():
+            raise CtraceInputError(
+                f"{path}: not found; an scGPT model folder holds args.json, best_model.pt and vocab.json"
+            )
+    args_path = model_dir / "args.json"
+    try:
+        raw_args = json.loads(args_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CtraceInputError(f"{args_path}: not valid JSON ({err})") from None
+    return raw_args, ScGPTArgs.from_dict(raw_args, source=str(args_path))
+
+
 def whole_human_args(*, embsize: int, nheads: int, nlayers: int, d_hid: int, **overrides: Any) -> dict:
     """The 47 keys of the whole-human `args.json` in file order (§2.2), with the given model shape.
 
@@ -322,16 +339,7 @@ class ScGPTBackend(PostLNBackend):
         model_dir = Path(model_dir)
         args_path = model_dir / "args.json"
         weights_path = model_dir / "best_model.pt"
-        for path in (args_path, weights_path, model_dir / "vocab.json"):
-            if not path.is_file():
-                raise CtraceInputError(
-                    f"{path}: not found; an scGPT model folder holds args.json, best_model.pt and vocab.json"
-                )
-        try:
-            raw_args = json.loads(args_path.read_text())
-        except json.JSONDecodeError as err:
-            raise CtraceInputError(f"{args_path}: not valid JSON ({err})") from None
-        args = ScGPTArgs.from_dict(raw_args, source=str(args_path))
+        raw_args, args = read_scgpt_args(model_dir)
         vocab = load_scgpt_vocab(model_dir / "vocab.json")
         if args.pad_token not in vocab:
             raise CtraceInputError(f"{args_path}: pad_token {args.pad_token!r} is not in vocab.json")
