@@ -267,3 +267,47 @@ def test_an_empty_source_selection_gives_an_empty_shard_and_empty_edges(bad_inpu
                  "--summary-tsv", outs["s.tsv"]]) == 0
     assert len(pd.read_parquet(outs["c.parquet"])) == 0
     assert json.loads(Path(outs["s.json"]).read_text())["corrected"]["edges"] == 0
+
+
+def test_non_numpy_files_and_bad_metrics_are_named_without_numpys_pickle_advice(tmp_path, capsys):
+    from ctrace.cli import main
+    from ctrace.errors import CtraceInputError
+    from ctrace.tokenize import TokenizedCells
+
+    (tmp_path / "cells.npz").write_text("obs_name\tsplit\nA\ttrace\n")
+    (tmp_path / "metrics.json").write_text(json.dumps({"layer": 0, "firing_frequency": ["abc"]}))
+    pd.DataFrame({"layer": [0], "feature": [0], "n_significant": [0]}).to_parquet(tmp_path / "features.parquet")
+    with pytest.raises(CtraceInputError, match=r"cells.npz: cannot read tokenized cells \(not NumPy .npy/.npz data"):
+        TokenizedCells.load(tmp_path / "cells.npz")
+    cases = [
+        (["merge-sweep", "--shards", str(tmp_path / "cells.npz"), "--out", "o"],
+         "cells.npz: cannot read sweep statistics (not NumPy .npy/.npz data"),
+        (["select-features", "--metrics", str(tmp_path / "metrics.json"), "--annotation",
+          str(tmp_path / "features.parquet"), "--strategy", "top_frequency", "--out", "o"],
+         "metrics.json: 'firing_frequency' must be a list of one finite number per SAE feature"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        stderr = capsys.readouterr().err
+        assert message in stderr and "allow_pickle" not in stderr, stderr
+
+
+def test_sweep_refuses_saes_of_different_models(bad_inputs, tmp_path, capsys):
+    import torch
+
+    from ctrace.cli import main
+    from ctrace.sae import SAEShape, TopKSAE, save_sae
+
+    f = bad_inputs
+    stems = [str(tmp_path / "gf_layer0"), str(tmp_path / "scgpt_layer1")]
+    for layer, (stem, model) in enumerate(zip(stems, ("geneformer", "scgpt"))):
+        sae = TopKSAE(SAEShape(32, 16, 4), generator=torch.Generator().manual_seed(layer))
+        save_sae(stem, sae, {"model": model, "sae_set": "pbmc", "layer": layer})
+    (tmp_path / "src.tsv").write_text("feature\n0\n")
+    argv = ["sweep", "--kind", "geneformer", "--checkpoint", str(f["gf_model"]), "--dictionaries", str(f["gf_dicts"]),
+            "--device", "cpu", "--tokenized", str(f["root"] / "gf_cells.npz"), "--saes", *stems, "--layer", "0",
+            "--sources", str(tmp_path / "src.tsv"), "--shard", "0", "--features-per-shard", "4", "--out", "o.npz"]
+    assert main(argv) == 2
+    stderr = capsys.readouterr().err
+    assert "--saes: SAEs fitted on different (model, SAE set)s: geneformer/pbmc:" in stderr
+    assert "scgpt/pbmc:" in stderr

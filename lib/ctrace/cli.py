@@ -259,6 +259,13 @@ def cmd_annotate(args) -> None:
     libraries = load_libraries(args.gene_sets)
     tokens = np.unique(np.concatenate([TokenizedCells.load(p).ids for p in args.tokenized]))
     background = {symbols[int(t)] for t in tokens if int(t) in symbols}
+    for name, sets in libraries.items():
+        if not any(background.intersection(genes) for genes in sets.values()):
+            log.warning(
+                "gene-set library %s: none of its %d terms shares a gene with the %d background genes, so no "
+                "feature can be annotated with it; its genes must be symbols like the model's (e.g. CD19)",
+                name, len(sets), len(background),
+            )
     device = resolve_device(args.device)
     sae, sidecar = load_sae(args.sae, device=device)
     if sidecar.get("layer") != args.layer:
@@ -287,7 +294,15 @@ def cmd_select_features(args) -> None:
     from ctrace.trace import select_source_features
 
     metrics = read_json(args.metrics, "an SAE metrics JSON (fit-sae --metrics)", ["firing_frequency", "layer"])
-    frequency = np.asarray(metrics["firing_frequency"], dtype=np.float64)
+    try:
+        frequency = np.asarray(metrics["firing_frequency"], dtype=np.float64)
+    except (TypeError, ValueError):
+        frequency = np.array([np.nan])
+    if frequency.ndim != 1 or not np.isfinite(frequency).all():
+        raise CtraceInputError(
+            f"{args.metrics}: 'firing_frequency' must be a list of one finite number per SAE feature; "
+            "re-run the SAE fit step"
+        )
     features = read_table(
         args.annotation, "a feature annotation table (annotate --out-features)", ["layer", "feature", "n_significant"]
     ).sort_values("feature")
@@ -329,13 +344,20 @@ def cmd_sweep(args) -> None:
     # a shard beyond the list is empty (a selection may return fewer features than the config asks for)
     shard = selected[args.shard * args.features_per_shard : (args.shard + 1) * args.features_per_shard]
     backend = _load_backend(args)
-    saes = {}
+    saes, fitted_on = {}, {}
     for stem in args.saes:
         sae, sidecar = load_sae(stem, device=backend.device)
         layer = sidecar.get("layer")
         if not isinstance(layer, int) or layer in saes:
             raise CtraceInputError(f"{stem}: SAE layer {layer!r} is missing or given twice in --saes; one SAE per layer")
         saes[layer] = sae
+        fitted_on.setdefault((sidecar.get("model"), sidecar.get("sae_set")), []).append(stem)
+    if len(fitted_on) > 1:
+        raise CtraceInputError(
+            "--saes: SAEs fitted on different (model, SAE set)s: "
+            + "; ".join(f"{model}/{sae_set}: {', '.join(stems)}" for (model, sae_set), stems in fitted_on.items())
+            + ". Pass the SAEs of one model and SAE set"
+        )
     cells_file = _load_cells(args.tokenized, backend)
     cells = [cells_file.cell(i) for i in range(len(cells_file))]
     targets = [layer for layer in sorted(saes) if layer > args.layer]

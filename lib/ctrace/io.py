@@ -91,6 +91,14 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 UNREADABLE_FILE_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 
 
+def unreadable(err: Exception) -> str:
+    """Why a file could not be read, for an error message. NumPy reads bytes that are not .npy/.npz as a
+    pickle and then advises `allow_pickle=True`, which is the wrong advice for a file of another format."""
+    if isinstance(err, ValueError) and "pickled" in str(err):
+        return "not NumPy .npy/.npz data: another format or a corrupted file"
+    return f"{type(err).__name__}: {err}"
+
+
 def read_table(path: str | os.PathLike, what: str, columns: Sequence[str] = (), as_text: bool = False):
     """A Parquet (`.parquet`) or tab-separated table with at least `columns`, else a CtraceInputError that
     names the file and says what it should be (`what`, e.g. "an edge table (the edges step's Parquet)").

@@ -28,7 +28,7 @@ import torch
 
 from ctrace.device import resolve_device
 from ctrace.errors import CtraceInputError
-from ctrace.io import UNREADABLE_FILE_ERRORS
+from ctrace.io import UNREADABLE_FILE_ERRORS, unreadable
 from ctrace.sae import SAEShape, TopKSAE
 
 DATA_HASH_METHOD = (
@@ -133,7 +133,7 @@ def open_dumps(sources: Sequence[tuple[str | os.PathLike, str | os.PathLike]]) -
         try:
             arr = np.load(npy, mmap_mode="r")
         except UNREADABLE_FILE_ERRORS as err:
-            raise CtraceInputError(f"{npy}: not a readable .npy activation dump ({type(err).__name__}: {err})") from None
+            raise CtraceInputError(f"{npy}: not a readable .npy activation dump ({unreadable(err)})") from None
         if arr.ndim != 2 or arr.dtype not in (np.float16, np.float32):
             raise CtraceInputError(
                 f"{npy}: expected a 2-D float16 array (n_rows, d_model), got {arr.dtype} with shape {arr.shape}"

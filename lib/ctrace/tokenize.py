@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ctrace.errors import CtraceInputError
-from ctrace.io import UNREADABLE_FILE_ERRORS, write_npz
+from ctrace.io import UNREADABLE_FILE_ERRORS, unreadable, write_npz
 from ctrace.models.base import Cell
 from ctrace.vocab import GENEFORMER_SPECIALS, SCGPT_SPECIALS, GeneformerDictionaries
 
@@ -124,7 +124,7 @@ class TokenizedCells:
                 arrays = {k: npz[k] for k in npz.files}
         except UNREADABLE_FILE_ERRORS as err:
             raise CtraceInputError(
-                f"{path}: cannot read tokenized cells ({type(err).__name__}: {err}); re-run the tokenize step"
+                f"{path}: cannot read tokenized cells ({unreadable(err)}); re-run the tokenize step"
             ) from None
         missing = {"ids", "offsets", "obs_names"} - set(arrays)
         if missing:

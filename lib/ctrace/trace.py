@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ctrace.errors import CtraceInputError
-from ctrace.io import UNREADABLE_FILE_ERRORS, write_npz
+from ctrace.io import UNREADABLE_FILE_ERRORS, unreadable, write_npz
 from ctrace.models.base import Backend, Batch, Cell, Edits
 from ctrace.sae import TopKSAE
 
@@ -285,7 +285,7 @@ class SweepStats:
             raise
         except (KeyError, *UNREADABLE_FILE_ERRORS) as err:
             raise CtraceInputError(
-                f"{path}: cannot read sweep statistics ({type(err).__name__}: {err}); re-run the sweep step"
+                f"{path}: cannot read sweep statistics ({unreadable(err)}); re-run the sweep step"
             ) from None
         return cls(**kwargs)
 
