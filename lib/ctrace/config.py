@@ -51,17 +51,12 @@ def validate_config(config: dict[str, Any], schema: Path | None = None, check_fi
     schema_file = schema or schema_path()
     schema_doc = yaml.safe_load(Path(schema_file).read_text())
     config = copy.deepcopy(config)
-    models = config.get("models") if isinstance(config, dict) else None
-    # the keys the user gave, before the schema's defaults are filled in
-    given_model_keys = (
-        {name: set(b) for name, b in models.items() if isinstance(b, dict)} if isinstance(models, dict) else {}
-    )
     errors = sorted(_Validator(schema_doc).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise CtraceInputError("invalid config:\n" + "\n".join(_describe(e) for e in errors))
     # defaults of nested objects created by a default ({}) are filled on a second pass
     _Validator(schema_doc).validate(config)
-    _check_model_keys(config, given_model_keys)
+    _check_model_keys(config)
     _check_references(config)
     if check_files:
         _check_files(config)
@@ -69,7 +64,8 @@ def validate_config(config: dict[str, Any], schema: Path | None = None, check_fi
 
 
 # Keys that only one model kind reads (default filled in for that kind; None = no default): given for the
-# other kind they would be silently ignored, so they are an error there.
+# other kind they would be silently ignored, so they are an error there. The schema gives them no default,
+# so a key present before `_check_model_keys` is one the user wrote.
 KIND_KEYS = {
     "geneformer": {"dictionaries": None, "version": "V2"},
     "scgpt": {"max_seq_len": 1200},
@@ -81,7 +77,7 @@ _WRONG_KIND_HINTS = {
 }
 
 
-def _check_model_keys(config: dict, given: dict[str, set]) -> None:
+def _check_model_keys(config: dict) -> None:
     """Kind-specific keys: an error where the other kind's key is given, else its default filled in."""
     problems = []
     for name, block in config["models"].items():
@@ -89,7 +85,7 @@ def _check_model_keys(config: dict, given: dict[str, set]) -> None:
             for key, default in keys.items():
                 if kind == block["kind"] and default is not None:
                     block.setdefault(key, default)
-                elif kind != block["kind"] and key in given.get(name, ()):
+                elif kind != block["kind"] and key in block:
                     problems.append(
                         f"  models.{name}.{key}: only {kind} models read it ({_WRONG_KIND_HINTS[key]}); remove the key"
                     )
@@ -161,16 +157,8 @@ def _check_references(config: dict) -> None:
     demo = config["demo"]
     if demo["d_model"] % demo["n_heads"]:
         problems.append(f"  demo.n_heads: {demo['n_heads']} does not divide demo.d_model {demo['d_model']}")
-    sae = config["sae"]
     if any(block["checkpoint"] == DEMO for block in config["models"].values()):
-        width = sae["expansion"] * demo["d_model"]
-        if sae["k"] > width:
-            problems.append(
-                f"  sae.k: {sae['k']} exceeds the demo SAEs' width (sae.expansion × demo.d_model = {width})"
-            )
-        too_big = [f for f in config["sweep"]["features"] if f >= width]
-        if too_big:
-            problems.append(f"  sweep.features: {too_big} out of range for the demo SAEs' {width} features")
+        problems += _shape_problems(config, demo["n_layers"], demo["d_model"])
     sweep = config["sweep"]
     if sweep["selection"] == "explicit" and not sweep["features"]:
         problems.append("  sweep.features: selection 'explicit' needs at least one feature id")
@@ -189,6 +177,24 @@ def _check_references(config: dict) -> None:
         raise CtraceInputError("invalid config:\n" + "\n".join(problems))
 
 
+def _shape_problems(config: dict, n_layers: int, d_model: int, model: str | None = None) -> list[str]:
+    """The layer, SAE-width and feature-id settings against one model's shape (`model` None: the demo models)."""
+    sae, layers = config["sae"], config["activations"]["layers"]
+    width = sae["expansion"] * d_model
+    owner, d_name = ("the demo models", "demo.d_model") if model is None else (model, str(d_model))
+    problems = []
+    bad = [] if layers == "all" else [layer for layer in layers if layer >= n_layers]
+    if bad:
+        problems.append(f"  activations.layers: {bad} out of range for {owner} ({n_layers} layers)")
+    if sae["k"] > width:
+        sae_owner = "the demo SAEs'" if model is None else f"{model}'s SAE"
+        problems.append(f"  sae.k: {sae['k']} exceeds {sae_owner} width (sae.expansion × {d_name} = {width})")
+    too_big = [f for f in config["sweep"]["features"] if f >= width]
+    if too_big:
+        problems.append(f"  sweep.features: {too_big} out of range for {owner}'s SAEs ({width} features)")
+    return problems
+
+
 def _check_files(config: dict) -> None:
     problems = []
     for name, block in config["models"].items():
@@ -204,18 +210,7 @@ def _check_files(config: dict) -> None:
             except CtraceInputError as err:
                 problems.append(f"  models.{name}.checkpoint: {err}")
                 continue
-            layers = config["activations"]["layers"]
-            bad = [] if layers == "all" else [layer for layer in layers if layer >= shape.n_layers]
-            if bad:
-                problems.append(f"  activations.layers: {bad} out of range for {name} ({shape.n_layers} layers)")
-            width = config["sae"]["expansion"] * shape.d_model
-            if config["sae"]["k"] > width:
-                problems.append(
-                    f"  sae.k: {config['sae']['k']} exceeds {name}'s SAE width (sae.expansion × {shape.d_model})"
-                )
-            too_big = [f for f in config["sweep"]["features"] if f >= width]
-            if too_big:
-                problems.append(f"  sweep.features: {too_big} out of range for {name}'s SAEs ({width} features)")
+            problems += _shape_problems(config, shape.n_layers, shape.d_model, name)
     for entry in config["annotation"]["gene_sets"]:
         if entry not in BUNDLED_GMT_FILES and not Path(entry).is_file():
             problems.append(
