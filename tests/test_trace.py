@@ -25,6 +25,8 @@ from ctrace.trace import (
     select_source_features,
 )
 
+import model_fixtures
+
 STAT_NAMES = (
     "n_S",
     "sum_SLG",
@@ -182,6 +184,13 @@ def sweep_one_at_a_time(
                     out[pre + "pos" + suf][key] += d > 0
                     out[pre + "neg" + suf][key] += d < 0
     return out
+
+
+@pytest.fixture(scope="module", autouse=True, params=model_fixtures.LINEAR_ROUTES)
+def linear_route(request):
+    """Every test twice: linears routed as shipped, and all of them on oneDNN."""
+    with model_fixtures.linear_route(request.param):
+        yield request.param
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ctrace.errors import CtraceInputError
 from ctrace.io import atomic_path, write_json
+from ctrace.linear import linear
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class TopKSAE(nn.Module):
     def pre_acts(self, x_ND: torch.Tensor) -> torch.Tensor:
         """ReLU(W_enc (x − μ) + b_enc), before the TopK selection."""
         x = (x_ND - self.mean_D).to(self.W_enc_FD.dtype)
-        return torch.relu(x @ self.W_enc_FD.T + self.b_enc_F)
+        return torch.relu(linear(x, self.W_enc_FD, self.b_enc_F))
 
     def encode(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Dense codes_NF with at most k non-zeros per row."""

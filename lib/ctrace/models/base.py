@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ctrace.errors import CtraceInputError
+from ctrace.linear import linear
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ class PostLNBlock:
         w, b = self.qkv
         row_C, chunk_N, slot_N, Q = _query_chunks(rows_N, x_BTD.shape[0])
         x_ND = x_BTD[rows_N, pos_N]
-        q_ND = F.linear(x_ND, w[:D], b[:D])  # bf16 under autocast: the chunks take its dtype
+        q_ND = linear(x_ND, w[:D], b[:D])  # bf16 under autocast: the chunks take its dtype
         q_CQD = q_ND.new_zeros(row_C.numel(), Q, D)
         q_CQD[chunk_N, slot_N] = q_ND
         k, v = self._heads(_project(x_BTD, w[D:], b[D:], edits).index_select(0, row_C)).unbind(0)
@@ -255,8 +256,8 @@ class PostLNBlock:
 
     def _after_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         D = x.shape[-1]
-        h = F.layer_norm(F.linear(attn, *self.o) + x, (D,), *self.ln1)
-        return F.layer_norm(F.linear(self.act(F.linear(h, *self.ff1)), *self.ff2) + h, (D,), *self.ln2)
+        h = F.layer_norm(linear(attn, *self.o) + x, (D,), *self.ln1)
+        return F.layer_norm(linear(self.act(linear(h, *self.ff1)), *self.ff2) + h, (D,), *self.ln2)
 
 
 class PostLNBackend(Backend):
@@ -289,7 +290,7 @@ class PostLNBackend(Backend):
 
 
 def _project(x_BTD: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, edits: Edits | None) -> torch.Tensor:
-    """F.linear(x_BTD, weight, bias), (B, T, O).
+    """linear(x_BTD, weight, bias), (B, T, O).
 
     With `edits` (every row a copy of a base row except at the listed pairs: an ablation batch, the clean
     cells in the base rows and their few edited positions in the others) only the base rows and the N
@@ -297,11 +298,11 @@ def _project(x_BTD: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, edit
     gets bit-identical outputs — and the base rows' results are copied to their copies.
     """
     if edits is None:
-        return F.linear(x_BTD, weight, bias)
+        return linear(x_BTD, weight, bias)
     B, T, D = x_BTD.shape
     K = edits.bases_K.numel()
     x_base = x_BTD.index_select(0, edits.bases_K).view(K * T, D)
-    y = F.linear(torch.cat([x_base, x_BTD[edits.rows_N, edits.pos_N]]), weight, bias)
+    y = linear(torch.cat([x_base, x_BTD[edits.rows_N, edits.pos_N]]), weight, bias)
     out_BTO = y[: K * T].view(K, T, -1).index_select(0, edits.slot_B)
     out_BTO[edits.rows_N, edits.pos_N] = y[K * T :]
     return out_BTO
