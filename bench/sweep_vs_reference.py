@@ -27,7 +27,8 @@ reference loop itself for a same-machine s/pass baseline and the statistics' agr
 bf16-autocast sweep (GPU only) and compares its edges with fp32.
 FLOP/s: matmul FLOPs of the sweep's downstream blocks (counted analytically, `block_flops`) per second of
 (a) the whole sweep and (b) the synchronised time inside those blocks, as a fraction of the FLOP/s of a
-timed torch.matmul of the sweep's shape (rows·tokens × d) @ (d × ffn) measured in the same run.
+timed matmul of the sweep's shape (rows·tokens × d) @ (d × ffn) measured in the same run, through the
+blocks' own `ctrace.linear` (oneDNN on CPUs).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ sys.path.insert(0, str(ROOT / "lib"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from ctrace.edges import MODES, edge_statistics, edge_table, summarize_edges  # noqa: E402
+from ctrace.linear import linear  # noqa: E402
 from ctrace.models import load_backend  # noqa: E402
 from ctrace.models.base import Backend, Batch  # noqa: E402
 from ctrace.sae import SAEShape, TopKSAE  # noqa: E402
@@ -293,18 +295,19 @@ def sweep_downstream_flops(cells, fired_per_cell, n_sources, n_blocks, cfg: Swee
 
 
 def matmul_flops_per_s(m: int, k: int, n: int, device: torch.device, bf16: bool, seconds: float = 1.0) -> float:
-    """Measured FLOP/s of torch.matmul (m×k)·(k×n) in the sweep's precision."""
+    """Measured FLOP/s of (m×k)·(k×n) in the sweep's precision, through the blocks' own `ctrace.linear`
+    (on a CPU: oneDNN, which there outruns torch.matmul's MKL on AMD CPUs)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
-    a = torch.randn(m, k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
+    x_MK = torch.randn(m, k, device=device, dtype=dtype)
+    w_NK = torch.randn(n, k, device=device, dtype=dtype)
     with torch.no_grad():
         for _ in range(3):
-            torch.matmul(a, b)
+            linear(x_MK, w_NK)
         if device.type == "cuda":
             torch.cuda.synchronize()
         reps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            torch.matmul(a, b)
+            linear(x_MK, w_NK)
             reps += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
