@@ -311,3 +311,66 @@ def test_sweep_refuses_saes_of_different_models(bad_inputs, tmp_path, capsys):
     stderr = capsys.readouterr().err
     assert "--saes: SAEs fitted on different (model, SAE set)s: geneformer/pbmc:" in stderr
     assert "scgpt/pbmc:" in stderr
+
+
+def test_dumps_and_saes_of_another_layer_or_model_are_refused(bad_inputs, tmp_path, capsys):
+    """Dumps record the model and layer they were taken at, and SAEs the dumps they were fitted on, so that
+    fit-sae, annotate and sweep refuse inputs of another layer or model."""
+    import numpy as np
+    import torch
+
+    import model_fixtures as fx
+    from ctrace.cli import main
+    from ctrace.models import load_backend
+    from ctrace.sae import SAEShape, TopKSAE, load_sae, save_sae
+    from ctrace.tokenize import TokenizedCells
+
+    f = bad_inputs
+    gf = ["--kind", "geneformer", "--checkpoint", str(f["gf_model"]), "--dictionaries", str(f["gf_dicts"]),
+          "--device", "cpu"]
+    cells = fx.random_cells(load_backend("geneformer", f["gf_model"], f["gf_dicts"]), 24, 8, 16, seed=0)
+    tokenized = str(tmp_path / "cells.npz")
+    TokenizedCells(
+        np.concatenate([c.input_ids for c in cells]).astype(np.int32),
+        np.concatenate([[0], np.cumsum([len(c.input_ids) for c in cells])]),
+        None,
+        np.array([f"c{i}" for i in range(len(cells))]),
+    ).save(tokenized)
+    dumps = [str(tmp_path / f"d{layer}") for layer in (0, 1)]
+    for layer, stem in enumerate(dumps):
+        assert main(["dump-activations", *gf, "--tokenized", tokenized, "--layer", str(layer), "--out-stem", stem]) == 0
+    fit = ["fit-sae", "--model", "gf", "--sae-set", "s", "--layer", "0", "--expansion", "2", "--k", "4",
+           "--n-steps", "3", "--batch-size", "16", "--device", "cpu", "--metrics", str(tmp_path / "m.json")]
+    gf_sae = str(tmp_path / "gf_sae")
+    assert main([*fit, "--dumps", dumps[0], "--out-stem", gf_sae]) == 0
+    fitted_on = {"kind": "geneformer", "n_layers": 2, "d_model": 32, "layer": 0}
+    assert load_sae(gf_sae)[1]["dump_provenance"] == fitted_on
+
+    sc_model = fx.write_tiny_scgpt(tmp_path / "sc", n_layers=3)
+    sc_sae = str(tmp_path / "sc_sae")
+    sidecar = {"model": "sc", "sae_set": "s", "layer": 0, "dump_provenance": {**fitted_on, "kind": "scgpt", "n_layers": 3}}
+    save_sae(sc_sae, TopKSAE(SAEShape(32, 16, 4), generator=torch.Generator().manual_seed(0)), sidecar)
+    (tmp_path / "src.tsv").write_text("feature\n0\n")
+    annotate = ["--layer", "0", "--dumps", dumps[0], "--tokenized", tokenized, "--gene-sets", "hallmark",
+                "--out-features", str(tmp_path / "f.parquet"), "--out-significant", str(tmp_path / "s.parquet")]
+    cases = [
+        ([*fit, "--dumps", *dumps, "--out-stem", str(tmp_path / "x")],
+         "d1.rows.parquet: a dump of layer 1 of a geneformer model with 2 blocks of width 32, but layer 0 was asked "
+         "for; pass this layer's dumps"),
+        (["annotate", "--kind", "scgpt", "--checkpoint", str(sc_model), "--device", "cpu", "--sae", gf_sae, *annotate],
+         "d0.rows.parquet: a dump of layer 0 of a geneformer model with 2 blocks of width 32, not of the scgpt model "
+         "given here (3 blocks of width 32); pass dumps of this model"),
+        (["annotate", *gf, "--sae", sc_sae, *annotate],
+         "sc_sae: SAE fitted on dumps of layer 0 of a scgpt model with 3 blocks of width 32, not of the geneformer "
+         "model"),
+        (["sweep", *gf, "--tokenized", tokenized, "--saes", sc_sae, "--layer", "0", "--sources",
+          str(tmp_path / "src.tsv"), "--shard", "0", "--features-per-shard", "4", "--out", str(tmp_path / "o.npz")],
+         "sc_sae: SAE fitted on dumps of layer 0 of a scgpt model with 3 blocks of width 32, not of the geneformer "
+         "model"),
+    ]
+    capsys.readouterr()
+    for argv, message in cases:
+        assert main(argv) == 2, argv[0]
+        stderr = capsys.readouterr().err
+        assert message in stderr, stderr
+    assert main(["annotate", *gf, "--sae", gf_sae, *annotate]) == 0

@@ -200,6 +200,9 @@ def _dump_sources(stems: list[str]) -> list[tuple[Path, Path]]:
 
 
 def cmd_fit_sae(args) -> None:
+    from dataclasses import asdict
+
+    from ctrace.activations import check_dumps
     from ctrace.device import resolve_device
     from ctrace.io import write_json
     from ctrace.sae import save_sae
@@ -217,8 +220,13 @@ def cmd_fit_sae(args) -> None:
             f"fit-sae: dump(s) {repeated} given more than once in --dumps; the same cells would land in both the "
             "training and the held-out split. List each condition once (sae_sets.<set>.conditions)"
         )
-    result = train_sae(_dump_sources(args.dumps), cfg)
-    sidecar = result.sidecar(model=args.model, sae_set=args.sae_set, layer=args.layer)
+    sources = _dump_sources(args.dumps)
+    provenance = check_dumps([rows for _, rows in sources], layer=args.layer)
+    result = train_sae(sources, cfg)
+    sidecar = result.sidecar(
+        model=args.model, sae_set=args.sae_set, layer=args.layer,
+        dump_provenance=asdict(provenance) if provenance is not None else None,
+    )
     save_sae(args.out_stem, result.sae, sidecar)
     write_json(args.metrics, {"model": args.model, "sae_set": args.sae_set, "layer": args.layer,
                               **result.metrics_dict(), "timing": result.timing, "resolved": result.resolved})
@@ -242,10 +250,12 @@ def cmd_sae_quality(args) -> None:
 def cmd_annotate(args) -> None:
     import numpy as np
 
+    from ctrace.activations import DumpProvenance, check_dumps, check_sae_fitted_on
     from ctrace.annotate import annotate_layer
     from ctrace.device import resolve_device
     from ctrace.genesets import load_libraries
     from ctrace.io import write_parquet
+    from ctrace.models import checkpoint_shape
     from ctrace.sae import load_sae
     from ctrace.tokenize import TokenizedCells
     from ctrace.vocab import (
@@ -273,6 +283,10 @@ def cmd_annotate(args) -> None:
             f"{args.sae}: SAE of layer {sidecar.get('layer')}, but --layer {args.layer}; pass the SAE fitted on "
             "this layer's dumps"
         )
+    shape = checkpoint_shape(args.kind, args.checkpoint)
+    model = DumpProvenance(kind=args.kind, n_layers=shape.n_layers, d_model=shape.d_model, layer=args.layer)
+    check_dumps([rows for _, rows in _dump_sources(args.dumps)], layer=args.layer, model=model)
+    check_sae_fitted_on(args.sae, sidecar, model, args.checkpoint)
     features, significant = annotate_layer(
         sae, _dump_sources(args.dumps), symbols, libraries, background, n_top=args.n_top,
         min_support=args.min_support, q_threshold=args.q, device=device,
@@ -333,6 +347,7 @@ def cmd_sweep(args) -> None:
     import numpy as np
     import pandas as pd
 
+    from ctrace.activations import DumpProvenance, check_sae_fitted_on
     from ctrace.io import read_table
     from ctrace.sae import load_sae
     from ctrace.trace import SweepConfig, run_sweep
@@ -350,6 +365,7 @@ def cmd_sweep(args) -> None:
         layer = sidecar.get("layer")
         if not isinstance(layer, int) or layer in saes:
             raise CtraceInputError(f"{stem}: SAE layer {layer!r} is missing or given twice in --saes; one SAE per layer")
+        check_sae_fitted_on(stem, sidecar, DumpProvenance.of_backend(backend, layer), args.checkpoint)
         saes[layer] = sae
         fitted_on.setdefault((sidecar.get("model"), sidecar.get("sae_set")), []).append(stem)
     if len(fitted_on) > 1:

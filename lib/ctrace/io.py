@@ -68,10 +68,17 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def write_parquet(path: str | os.PathLike, frame) -> None:
-    """Write a pandas DataFrame as Parquet (pyarrow), atomically."""
+def write_parquet(path: str | os.PathLike, frame, metadata: dict[str, str] | None = None) -> None:
+    """Write a pandas DataFrame as Parquet (pyarrow), atomically; `metadata` joins the file's key-value
+    metadata (next to pandas' own)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
 
 
 def write_tsv(path: str | os.PathLike, frame) -> None:
