@@ -61,7 +61,8 @@ def read_dump_provenance(rows_path: str | os.PathLike) -> DumpProvenance | None:
         fields = json.loads(raw)
     except ValueError:
         fields = None
-    return _provenance(fields, f"{rows_path}: Parquet metadata {PROVENANCE_KEY!r}", "re-run dump-activations for this dump")
+    where = f"{rows_path}: Parquet metadata {PROVENANCE_KEY!r}"
+    return _provenance(fields, where, "re-run dump-activations for this dump")
 
 
 def sae_dump_provenance(sae_stem: str | os.PathLike, sidecar: dict) -> DumpProvenance | None:
@@ -88,13 +89,14 @@ def check_sae_fitted_on(
 def _provenance(fields, where: str, fix: str) -> DumpProvenance:
     try:
         provenance = DumpProvenance(**fields)
-        valid = isinstance(provenance.kind, str) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in (provenance.n_layers, provenance.d_model, provenance.layer)
-        )
+        numbers = (provenance.n_layers, provenance.d_model, provenance.layer)
+        valid = isinstance(provenance.kind, str) and all(isinstance(v, int) and not isinstance(v, bool) for v in numbers)
     except TypeError:  # not a mapping, or missing or unknown fields
         valid = False
     if not valid:
-        raise CtraceInputError(f"{where} is not a dump provenance (kind, n_layers, d_model, layer): {fields!r:.200}; {fix}")
+        raise CtraceInputError(
+            f"{where} is not a dump provenance (kind, n_layers, d_model, layer): {fields!r:.200}; {fix}"
+        )
     return provenance
 
 
