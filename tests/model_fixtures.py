@@ -8,16 +8,11 @@ modules import these names: keep them and their signatures stable.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-import ctrace.linear
 
 from ctrace.models import Backend, Cell, build_geneformer, build_scgpt, save_geneformer, save_scgpt, whole_human_args
 from ctrace.vocab import GeneformerDictionaries, load_geneformer_dictionaries, write_geneformer_dictionaries
@@ -153,23 +148,3 @@ def random_cells(backend: Backend, n: int, min_len: int, max_len: int, seed: int
             values[0] = backend.pad_value  # <cls> carries pad_value, as in scGPT pretraining
         cells.append(Cell(input_ids=ids, values=values))
     return cells
-
-
-LINEAR_ROUTES = ("shipped", "all_onednn")
-
-
-@contextlib.contextmanager
-def linear_route(route: str) -> Iterator[None]:
-    """`ctrace.linear` as shipped (oneDNN from MIN_ROWS rows), or with every float32 CPU inference linear on
-    oneDNN, so that tests on tiny inputs check that path too."""
-    if route == "shipped":
-        yield
-        return
-    if ctrace.linear._onednn_linear() is None:
-        pytest.skip("this torch has no usable oneDNN linear (test_linear checks that x86-64 has one)")
-    before = ctrace.linear.MIN_ROWS
-    ctrace.linear.MIN_ROWS = 1
-    try:
-        yield
-    finally:
-        ctrace.linear.MIN_ROWS = before

@@ -18,7 +18,6 @@ from ctrace.errors import CtraceInputError
 from ctrace.models import GeneformerBackend, ScGPTBackend, load_backend
 from ctrace.models.base import Edits
 from ctrace.vocab import load_geneformer_dictionaries, load_scgpt_vocab
-import model_fixtures
 from model_fixtures import (
     have_real_geneformer_dicts,
     have_real_scgpt_vocab,
@@ -52,14 +51,10 @@ def assert_close_at(a_BTD: torch.Tensor, b_BTD: torch.Tensor, keep_BT: torch.Ten
     assert diff <= atol, f"max abs diff {diff:.3g} > {atol}"
 
 
+pytestmark = pytest.mark.usefixtures("linear_route")  # every test on both linear routes (conftest.py)
+
+
 # ---- fixtures ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True, params=model_fixtures.LINEAR_ROUTES)
-def linear_route(request):
-    """Every test twice: linears routed as shipped, and all of them on oneDNN."""
-    with model_fixtures.linear_route(request.param):
-        yield request.param
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _single_thread():
     # These models are tiny: intra-op threads only add hand-off cost (and stall badly when the

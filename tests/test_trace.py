@@ -25,7 +25,7 @@ from ctrace.trace import (
     select_source_features,
 )
 
-import model_fixtures
+pytestmark = pytest.mark.usefixtures("linear_route")  # every test on both linear routes (conftest.py)
 
 STAT_NAMES = (
     "n_S",
@@ -184,13 +184,6 @@ def sweep_one_at_a_time(
                     out[pre + "pos" + suf][key] += d > 0
                     out[pre + "neg" + suf][key] += d < 0
     return out
-
-
-@pytest.fixture(scope="module", autouse=True, params=model_fixtures.LINEAR_ROUTES)
-def linear_route(request):
-    """Every test twice: linears routed as shipped, and all of them on oneDNN."""
-    with model_fixtures.linear_route(request.param):
-        yield request.param
 
 
 @pytest.fixture(scope="module", autouse=True)

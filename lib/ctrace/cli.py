@@ -285,10 +285,11 @@ def cmd_annotate(args) -> None:
         )
     shape = checkpoint_shape(args.kind, args.checkpoint)
     model = DumpProvenance(kind=args.kind, n_layers=shape.n_layers, d_model=shape.d_model, layer=args.layer)
-    check_dumps([rows for _, rows in _dump_sources(args.dumps)], layer=args.layer, model=model)
+    sources = _dump_sources(args.dumps)
+    check_dumps([rows for _, rows in sources], layer=args.layer, model=model)
     check_sae_fitted_on(args.sae, sidecar, model, args.checkpoint)
     features, significant = annotate_layer(
-        sae, _dump_sources(args.dumps), symbols, libraries, background, n_top=args.n_top,
+        sae, sources, symbols, libraries, background, n_top=args.n_top,
         min_support=args.min_support, q_threshold=args.q, device=device,
     )
     features.insert(0, "layer", args.layer)
