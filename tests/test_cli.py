@@ -313,6 +313,40 @@ def test_sweep_refuses_saes_of_different_models(bad_inputs, tmp_path, capsys):
     assert "scgpt/pbmc:" in stderr
 
 
+def test_statistics_record_the_model_label_and_edges_refuse_another(bad_inputs, tmp_path, capsys):
+    import torch
+
+    from ctrace.cli import main
+    from ctrace.sae import SAEShape, TopKSAE, save_sae
+    from ctrace.trace import SweepStats
+
+    f = bad_inputs
+    stems = [str(tmp_path / f"layer{layer}") for layer in (0, 1)]
+    for layer, stem in enumerate(stems):
+        sae = TopKSAE(SAEShape(32, 16, 4), generator=torch.Generator().manual_seed(layer))
+        save_sae(stem, sae, {"model": "gf_v2", "sae_set": "pbmc", "layer": layer})
+    (tmp_path / "src.tsv").write_text("feature\n0\n1\n")
+    shard = tmp_path / "shard0.npz"
+    assert main(["sweep", "--kind", "geneformer", "--checkpoint", str(f["gf_model"]), "--dictionaries",
+                 str(f["gf_dicts"]), "--device", "cpu", "--tokenized", str(f["root"] / "gf_cells.npz"), "--saes",
+                 *stems, "--layer", "0", "--sources", str(tmp_path / "src.tsv"), "--shard", "0",
+                 "--features-per-shard", "2", "--out", str(shard)]) == 0
+    assert SweepStats.load(shard).model == "gf_v2"
+
+    def edges(label: str) -> int:
+        outs = [str(tmp_path / f"{label}.{ext}") for ext in ("c.parquet", "r.parquet", "json", "tsv")]
+        return main(["edges", "--model", label, "--condition", "c", "--stats", str(shard), "--out-corrected",
+                     outs[0], "--out-reference", outs[1], "--summary-json", outs[2], "--summary-tsv", outs[3]])
+
+    assert edges("gf_v2") == 0
+    capsys.readouterr()
+    assert edges("gf_v1") == 2
+    assert "shard0.npz: statistics of model 'gf_v2' (the label its SAEs were fitted under), but --model is 'gf_v1'" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "gf_v1.c.parquet").exists()
+
+
 def test_dumps_and_saes_of_another_layer_or_model_are_refused(bad_inputs, tmp_path, capsys):
     """Dumps record the model and layer they were taken at, and SAEs the dumps they were fitted on, so that
     fit-sae, annotate and sweep refuse inputs of another layer or model."""

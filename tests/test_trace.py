@@ -397,6 +397,12 @@ def test_merge_rejects_overlap_and_mismatch(toy):
     d = run_sweep(backend, saes, cells[:4], 0, [5], [2], cfg)
     with pytest.raises(CtraceInputError, match="target layers"):
         merge_stats([a, d])
+    e = run_sweep(backend, saes, cells[:4], 0, [5], [1], cfg)
+    with pytest.raises(CtraceInputError, match=r"disagree on model: \['gf', 'gf_v2'\]"):
+        merge_stats([dataclasses.replace(a, model="gf"), dataclasses.replace(e, model="gf_v2")])
+    # a shard written before the model label was recorded ("") merges with labelled ones
+    assert merge_stats([a, dataclasses.replace(e, model="gf")]).model == "gf"
+    assert merge_stats([a, e]).model == ""
 
 
 def test_save_load_roundtrip(toy, tmp_path):
@@ -412,6 +418,13 @@ def test_save_load_roundtrip(toy, tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(CtraceInputError):
         SweepStats.load(tmp_path / "bad.npz")
+    dataclasses.replace(stats, model="gf").save(tmp_path / "labelled.npz")
+    assert SweepStats.load(tmp_path / "labelled.npz").model == "gf"
+    # files written before the model label was recorded load with model ""
+    with np.load(tmp_path / "labelled.npz") as data:
+        older = {name: data[name] for name in data.files if name != "model"}
+    np.savez(tmp_path / "older.npz", **older)
+    assert SweepStats.load(tmp_path / "older.npz").model == ""
 
 
 def test_input_checks(toy):

@@ -345,6 +345,8 @@ def cmd_select_features(args) -> None:
 
 
 def cmd_sweep(args) -> None:
+    from dataclasses import replace
+
     import numpy as np
     import pandas as pd
 
@@ -382,7 +384,8 @@ def cmd_sweep(args) -> None:
                       cells_per_clean_pass=args.cells_per_clean_pass, response=args.response,
                       null_draws=args.null_draws, seed=args.seed)
     stats = run_sweep(backend, saes, cells, args.layer, shard, targets, cfg)
-    stats.save(args.out)
+    ((model_label, _),) = fitted_on
+    replace(stats, model=model_label or "").save(args.out)
     log.info("layer %d shard %d: %d source features, %d ablated passes in %.1fs", args.layer, args.shard,
              len(shard), stats.forward_passes, stats.wall_time_s)
 
@@ -408,6 +411,12 @@ def cmd_edges(args) -> None:
             raise CtraceInputError(
                 f"{path}: statistics of {s.backend} on other cells than {args.stats[0]} ({stats[0].backend}); "
                 "one edges call takes the merged statistics of one model and one condition"
+            )
+    for path, s in zip(args.stats, stats):
+        if s.model and s.model != args.model:
+            raise CtraceInputError(
+                f"{path}: statistics of model {s.model!r} (the label its SAEs were fitted under), but --model is "
+                f"{args.model!r}; pass that model's statistics or its label"
             )
     layers = [s.source_layer for s in stats]
     if len(set(layers)) != len(layers):

@@ -207,6 +207,7 @@ class SweepStats:
     n_cells: int = 0
     cells_digest: str = ""
     backend: str = ""
+    model: str = ""  # the config's label of the model whose SAEs were used ("" = not recorded)
     forward_passes: int = 0  # ablated sequences run (real source features)
     null_forward_passes: int = 0  # ablated sequences run for the null directions
     clean_passes: int = 0  # clean sequences run: one per cell (blocks 0..L) + one per cell of each ablation pass
@@ -247,7 +248,8 @@ class SweepStats:
         "downstream_block_tokens",
     )
     _FLOATS = ("ablation_scale", "wall_time_s")
-    _STRS = ("response", "cells_digest", "backend")
+    _STRS = ("response", "cells_digest", "backend", "model")
+    _OPTIONAL = {"model": ""}  # absent from files written before it was recorded
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an uncompressed .npz atomically (layout: see `SweepStats.load`)."""
@@ -271,7 +273,7 @@ class SweepStats:
         sumsq_SLG (S, L, G), null_sum_SRLG, null_sumsq_SRLG (S, R, L, G); 0-d int64 scalars source_layer,
         n_target_features, seed, null_draws, n_cells, forward_passes, null_forward_passes, clean_passes,
         clean_block_tokens, downstream_block_tokens; 0-d float64 ablation_scale, wall_time_s; 0-d str
-        response, cells_digest, backend.
+        response, cells_digest, backend, model (optional: "" when absent).
         """
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -280,7 +282,9 @@ class SweepStats:
                 kwargs = {name: np.array(data[name]) for name in cls._ARRAYS}
                 kwargs.update({name: int(data[name]) for name in cls._INTS})
                 kwargs.update({name: float(data[name]) for name in cls._FLOATS})
-                kwargs.update({name: str(data[name]) for name in cls._STRS})
+                kwargs.update({name: str(data[name]) for name in cls._STRS if name not in cls._OPTIONAL})
+                kwargs.update({name: str(data[name]) if name in data else default
+                               for name, default in cls._OPTIONAL.items()})
         except CtraceInputError:
             raise
         except (KeyError, *UNREADABLE_FILE_ERRORS) as err:
@@ -322,10 +326,14 @@ def merge_stats(parts: Sequence[SweepStats]) -> SweepStats:
         "null_draws",
         "n_cells",
         "cells_digest",
+        "backend",
     ):
         values = {getattr(p, key) for p in parts}
         if len(values) > 1:
             raise CtraceInputError(f"merge_stats: shards disagree on {key}: {sorted(map(str, values))}")
+    models = {p.model for p in parts} - {""}  # shards written before the label was recorded carry ""
+    if len(models) > 1:
+        raise CtraceInputError(f"merge_stats: shards disagree on model: {sorted(models)}")
     for p in parts[1:]:
         if not np.array_equal(p.target_layers_L, first.target_layers_L):
             raise CtraceInputError(
@@ -353,6 +361,7 @@ def merge_stats(parts: Sequence[SweepStats]) -> SweepStats:
         n_cells=first.n_cells,
         cells_digest=first.cells_digest,
         backend=first.backend,
+        model=models.pop() if models else "",
         forward_passes=sum(p.forward_passes for p in parts),
         null_forward_passes=sum(p.null_forward_passes for p in parts),
         clean_passes=sum(p.clean_passes for p in parts),
