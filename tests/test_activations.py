@@ -101,6 +101,24 @@ def test_dump_records_its_model_and_layer_and_checks_refuse_others(backend, tmp_
         check_dumps([rows[1], wider], layer=1)
 
 
+def test_an_interrupted_dump_leaves_no_activations_under_an_older_rows_table(backend, tmp_path, monkeypatch):
+    import ctrace.activations as activations
+    from ctrace.activations import check_dumps
+    from ctrace.errors import CtraceInputError
+
+    tokenized = _as_tokenized(random_cells(backend, n=3, min_len=6, max_len=12, seed=4))
+    dump_activations(backend, tokenized, 2, tmp_path / "x", positions_per_cell=3, seed=1, batch_size=2)
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt  # the job is killed after the .npy's rename, before the rows table
+
+    monkeypatch.setattr(activations, "write_parquet", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dump_activations(backend, tokenized, 1, tmp_path / "x", positions_per_cell=3, seed=1, batch_size=2)
+    with pytest.raises(CtraceInputError, match="x.rows.parquet: activation dump file not found"):
+        check_dumps([tmp_path / "x.rows.parquet"], layer=2)
+
+
 def test_sae_sidecar_provenance_is_checked_against_the_model():
     from dataclasses import asdict
 

@@ -104,6 +104,17 @@ def bad_inputs(tmp_path_factory):
     TokenizedCells(ids, offsets, None, names).save(root / "gf_cells.npz")
     TokenizedCells(ids, offsets, np.ones(len(ids), np.float32), names).save(root / "scgpt_cells.npz")
     TokenizedCells(ids + 10**6, offsets, None, names).save(root / "foreign_cells.npz")
+    TokenizedCells(ids - 100, offsets, None, names).save(root / "negative_cells.npz")
+    files["bad_args_scgpt"] = fx.write_tiny_scgpt(root / "bad_args", n_layers=1, embsize=16, nheads=2)
+    (files["bad_args_scgpt"] / "args.json").write_text("{not json")
+    from ctrace.data import demo_anndata
+
+    demo = demo_anndata()
+    files["demo_h5ad"] = root / "demo.h5ad"
+    demo.write_h5ad(files["demo_h5ad"])
+    pd.DataFrame({"obs_name": demo.obs_names[:2], "split": ["trace", "sae"]}).to_csv(
+        root / "cells_a.tsv", sep="\t", index=False
+    )
     (root / "csv.h5ad").write_text("cell,gene\n1,2\n")
     (root / "trunc.npz").write_bytes(b"PK\x03\x04 truncated")
     (root / "empty.json").write_text("")
@@ -134,6 +145,13 @@ def _bad_cases(f):
         "token ids of another vocabulary": (["dump-activations", *gf, "--tokenized", str(root / "foreign_cells.npz"),
                                              "--layer", "0", "--out-stem", str(root / "d")],
                                             "foreign_cells.npz: token id .* outside geneformer's vocabulary"),
+        "negative token ids": (["dump-activations", *gf, "--tokenized", str(root / "negative_cells.npz"),
+                                "--layer", "0", "--out-stem", str(root / "d")],
+                               "negative_cells.npz: negative token id -98; the file is not tokenize output"),
+        "scGPT args.json not JSON": (["tokenize", "--kind", "scgpt", "--checkpoint", str(f["bad_args_scgpt"]),
+                                      "--condition", "c", "--h5ad", str(f["demo_h5ad"]), "--cells",
+                                      str(root / "cells_a.tsv"), "--out-trace", "t", "--out-sae", "s", "--report",
+                                      "r"], r"bad_args/scgpt_model/args.json: not valid JSON"),
         "layer the model lacks": (["dump-activations", *gf, "--tokenized", str(root / "gf_cells.npz"),
                                    "--layer", "5", "--out-stem", str(root / "d")], "layer 5 out of range 0..1"),
         "truncated tokenized file": (["dump-activations", *gf, "--tokenized", str(root / "trunc.npz"),
@@ -166,7 +184,7 @@ def _bad_cases(f):
 @pytest.mark.parametrize(
     "case",
     ["h5ad not AnnData", "cell table without split", "cells tokenized for scGPT", "token ids of another vocabulary",
-     "layer the model lacks", "truncated tokenized file", "negative shard", "sources without feature column",
+     "negative token ids", "scGPT args.json not JSON", "layer the model lacks", "truncated tokenized file", "negative shard", "sources without feature column",
      "truncated shard", "annotation of another SAE", "empty metrics", "coherence JSON as an edge summary",
      "CSV as an edge table"],
 )
@@ -311,6 +329,43 @@ def test_sweep_refuses_saes_of_different_models(bad_inputs, tmp_path, capsys):
     stderr = capsys.readouterr().err
     assert "--saes: SAEs fitted on different (model, SAE set)s: geneformer/pbmc:" in stderr
     assert "scgpt/pbmc:" in stderr
+
+
+def test_geneformer_tokenize_fits_the_checkpoint_and_refuses_a_split_left_empty(bad_inputs, tmp_path, capsys):
+    """Cells are cut to the checkpoint's positions (here 256 < V2's 4096), so that dump-activations can run
+    them; a split whose cells all lack vocabulary genes is an error, not an empty file."""
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    from ctrace.cli import main
+    from ctrace.tokenize import TokenizedCells
+    from ctrace.vocab import load_geneformer_dictionaries
+
+    f = bad_inputs
+    dicts = load_geneformer_dictionaries(f["gf_dicts"], "V2")
+    genes = [g for g in dicts.token_dict if not g.startswith("<") and g in dicts.gene_medians][:300]
+    counts = np.zeros((6, len(genes) + 1), dtype=np.float32)
+    counts[:4, : len(genes)] = 1 + np.arange(4)[:, None] + np.arange(len(genes))[None, :] % 7
+    counts[4:, -1] = 5  # only a gene outside the vocabulary
+    var = pd.DataFrame(index=[*genes, "NOT_A_GENE"])
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(6)])
+    ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var).write_h5ad(tmp_path / "cells.h5ad")
+    gf = ["--kind", "geneformer", "--checkpoint", str(f["gf_model"]), "--dictionaries", str(f["gf_dicts"])]
+
+    def tokenize(trace: list[str], sae: list[str]) -> int:
+        table = pd.DataFrame({"obs_name": trace + sae, "split": ["trace"] * len(trace) + ["sae"] * len(sae)})
+        table.to_csv(tmp_path / "split.tsv", sep="\t", index=False)
+        return main(["tokenize", *gf, "--condition", "c", "--h5ad", str(tmp_path / "cells.h5ad"), "--cells",
+                     str(tmp_path / "split.tsv"), "--out-trace", str(tmp_path / "trace.npz"), "--out-sae",
+                     str(tmp_path / "sae.npz"), "--report", str(tmp_path / "report.json")])
+
+    assert tokenize(["c0", "c1"], ["c2", "c3"]) == 0
+    lengths = [len(TokenizedCells.load(tmp_path / "trace.npz").cell(i).input_ids) for i in range(2)]
+    assert lengths == [256, 256]  # <cls> + 254 genes + <eos>: the fixture's max_position_embeddings
+    capsys.readouterr()
+    assert tokenize(["c4", "c5"], ["c0"]) == 2
+    assert "cells.h5ad: none of the 2 trace cells listed in " in capsys.readouterr().err
 
 
 def test_statistics_record_the_model_label_and_edges_refuse_another(bad_inputs, tmp_path, capsys):

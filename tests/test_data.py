@@ -60,6 +60,16 @@ def test_missing_gene_column_and_layer(demo_h5ad):
     assert data.gene_ids[0] == "ENSG00000188290"  # HES4, the first var
 
 
+def test_a_file_without_x_names_its_layers(tmp_path):
+    demo = demo_anndata()
+    path = tmp_path / "layers_only.h5ad"
+    ad.AnnData(obs=demo.obs, var=demo.var, layers={"counts": demo.X}).write_h5ad(path)
+    with pytest.raises(CtraceInputError, match=r"counts: .*layers_only.h5ad has no X matrix; use a layer name "
+                                               r"\(layers: \['counts'\]\) or 'raw'"):
+        load_condition(path)
+    assert load_condition(path, counts="counts").counts_CG.shape == demo.shape
+
+
 def test_obs_filter_that_selects_no_cell(demo_h5ad):
     with pytest.raises(CtraceInputError, match="selects no cell.*CD56\\+ NK"):
         load_condition(demo_h5ad, obs_filter='bulk_labels == "NK cells"')

@@ -313,13 +313,23 @@ def test_geneformer_unreadable_weights_are_refused(gf_files, tmp_path):
         load_backend("geneformer", target, dict_dir)
 
 
-def test_geneformer_unsupported_activation_is_refused(gf_files, tmp_path):
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("hidden_act", "swish", r"config\.json: hidden_act 'swish' is not supported"),
+        ("hidden_act", ["relu"], r"config\.json: hidden_act \['relu'\] is not supported"),
+        ("layer_norm_eps", "x", r"config\.json: 'layer_norm_eps' must be a small positive number .*found 'x'"),
+        ("layer_norm_eps", None, r"'layer_norm_eps' must be a small positive number .*found None"),
+        ("layer_norm_eps", -1e-12, r"'layer_norm_eps' must be a small positive number"),
+    ],
+)
+def test_geneformer_unsupported_config_values_are_refused(gf_files, tmp_path, field, value, message):
     model_dir, dict_dir = gf_files
     target = tmp_path / "model"
     shutil.copytree(model_dir, target)
     config = json.loads((target / "config.json").read_text())
-    (target / "config.json").write_text(json.dumps({**config, "hidden_act": "swish"}))
-    with pytest.raises(CtraceInputError, match=r"config\.json: hidden_act 'swish' is not supported"):
+    (target / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(CtraceInputError, match=message):
         load_backend("geneformer", target, dict_dir)
 
 
@@ -748,3 +758,12 @@ def test_scgpt_args_json_missing_key_is_refused(sc_dir, tmp_path, key):
     with pytest.raises(CtraceInputError, match=key) as err:
         load_backend("scgpt", model_dir)
     assert "args.json" in str(err.value)
+
+
+@pytest.mark.parametrize("dropout", [1.5, -0.1, 1])
+def test_scgpt_args_json_dropout_out_of_range_is_refused(sc_dir, tmp_path, dropout):
+    model_dir = _edited_sc(sc_dir, tmp_path, lambda s: None)
+    args = json.loads((model_dir / "args.json").read_text())
+    (model_dir / "args.json").write_text(json.dumps({**args, "dropout": dropout}))
+    with pytest.raises(CtraceInputError, match=rf"args.json: key 'dropout' must be in \[0, 1\), found {dropout}"):
+        load_backend("scgpt", model_dir)

@@ -301,17 +301,49 @@ def test_unreadable_sae_checkpoints_are_refused(tmp_path, trained):
     save_sae(tmp_path / "sae", trained.sae, trained.sidecar())
     weights, meta = tmp_path / "sae.safetensors", tmp_path / "sae.json"
     good = meta.read_text()
-    for text, message in [("", "not an SAE sidecar"), ("{}", "not an SAE sidecar"),
-                          (json.dumps({**json.loads(good), "shape": {"d_model": D, "n_features": 4 * D, "k": 0}}),
-                           "k must be in"),
-                          (json.dumps({**json.loads(good), "shape": {"d_model": D + 1, "n_features": 4 * D, "k": K}}),
-                           "not matching sae.json's shape")]:
+    def with_shape(**shape) -> str:
+        return json.dumps({**json.loads(good), "shape": {"d_model": D, "n_features": 4 * D, "k": K, **shape}})
+
+    for text, message in [("", "sae.json: not valid JSON"), ("{}", "not an SAE sidecar with a 'shape'"),
+                          (with_shape(k=0), "shape.k must be a positive integer, found 0"),
+                          (with_shape(d_model=-1), "shape.d_model must be a positive integer, found -1"),
+                          (with_shape(n_features="64"), "shape.n_features must be a positive integer, found '64'"),
+                          (with_shape(k=4 * D + 1), f"shape.k {4 * D + 1} exceeds shape.n_features {4 * D}"),
+                          (with_shape(d_model=D + 1),
+                           rf"do not match sae.json's shape .*W_enc_FD: file \({4 * D}, {D}\), expected "
+                           rf"\({4 * D}, {D + 1}\)")]:
         meta.write_text(text)
         with pytest.raises(CtraceInputError, match=message):
             load_sae(tmp_path / "sae")
     meta.write_text(good)
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     with pytest.raises(CtraceInputError, match="sae.safetensors: SAE weights unreadable"):
+        load_sae(tmp_path / "sae")
+
+
+def test_stems_with_dots_keep_their_files_apart(tmp_path, trained):
+    save_sae(tmp_path / "gf.layer1", trained.sae, {**trained.sidecar(), "layer": 1})
+    save_sae(tmp_path / "gf.layer2", trained.sae, {**trained.sidecar(), "layer": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gf.layer1.json", "gf.layer1.safetensors", "gf.layer2.json", "gf.layer2.safetensors"
+    ]
+    for layer in (1, 2):
+        for given in (f"gf.layer{layer}", f"gf.layer{layer}.safetensors", f"gf.layer{layer}.json"):
+            assert load_sae(tmp_path / given)[1]["layer"] == layer
+
+
+def test_an_interrupted_save_leaves_no_weights_under_an_older_sidecar(tmp_path, trained, monkeypatch):
+    import ctrace.sae as sae_module
+
+    save_sae(tmp_path / "sae", trained.sae, {**trained.sidecar(), "layer": 1})
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt  # the job is killed after the weights' rename, before the sidecar
+
+    monkeypatch.setattr(sae_module, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_sae(tmp_path / "sae", trained.sae, {**trained.sidecar(), "layer": 2})
+    with pytest.raises(CtraceInputError, match="sae.json: SAE checkpoint file not found"):
         load_sae(tmp_path / "sae")
 
 

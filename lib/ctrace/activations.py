@@ -50,6 +50,8 @@ class DumpProvenance:
 
 def read_dump_provenance(rows_path: str | os.PathLike) -> DumpProvenance | None:
     """A dump's provenance from its rows table's metadata; None for dumps written before ctrace recorded it."""
+    if not Path(rows_path).is_file():
+        raise CtraceInputError(f"{rows_path}: activation dump file not found; (re-)run dump-activations")
     try:
         metadata = pq.read_schema(rows_path).metadata or {}
     except UNREADABLE_FILE_ERRORS as err:
@@ -178,6 +180,10 @@ def dump_activations(
     padding; rows are written at their planned offsets, so the output order is fixed by the plan.
     """
     stem = Path(out_stem)
+    rows_path = stem.with_name(stem.name + ".rows.parquet")
+    # The rows file (with the provenance) is written last and an older one removed first, so that an
+    # interrupted dump leaves no .npy that an older rows file would describe.
+    rows_path.unlink(missing_ok=True)
     specials = np.fromiter(backend.special_token_ids, dtype=np.int64)
     token_ids = [cells.cell(i).input_ids for i in range(len(cells))]
     plan = plan_positions([~np.isin(ids, specials) for ids in token_ids], positions_per_cell, seed)
@@ -207,7 +213,5 @@ def dump_activations(
         }
     )
     provenance = DumpProvenance.of_backend(backend, layer)
-    write_parquet(
-        stem.with_name(stem.name + ".rows.parquet"), rows, metadata={PROVENANCE_KEY: json.dumps(asdict(provenance))}
-    )
+    write_parquet(rows_path, rows, metadata={PROVENANCE_KEY: json.dumps(asdict(provenance))})
     return n_rows

@@ -153,20 +153,23 @@ def cmd_tokenize(args) -> None:
         n_counts_column=args.n_counts_column, cells=cells["obs_name"].unique(), where=args.condition,
     )
     if args.kind == "geneformer":
+        from ctrace.models.geneformer import read_geneformer_config
         from ctrace.vocab import load_geneformer_dictionaries
 
         dicts = load_geneformer_dictionaries(args.dictionaries, args.version)
+        # upstream's input size, or fewer where the checkpoint has fewer positions (a small custom model)
+        max_tokens = min(
+            tokenize.GENEFORMER_INPUT_SIZE[args.version],
+            read_geneformer_config(args.checkpoint)["max_position_embeddings"],
+        )
         tokenized, report = tokenize.tokenize_geneformer(
-            data.counts_CG, data.gene_ids, data.n_counts_C, dicts, data.obs_names
+            data.counts_CG, data.gene_ids, data.n_counts_C, dicts, data.obs_names, max_tokens
         )
     else:
-        from ctrace.models.scgpt import ScGPTArgs
+        from ctrace.models.scgpt import read_scgpt_args
         from ctrace.vocab import load_scgpt_vocab
 
-        args_path = Path(args.checkpoint) / "args.json"
-        if not args_path.is_file():
-            raise CtraceInputError(f"{args_path}: not found; an scGPT model folder holds args.json")
-        model_args = ScGPTArgs.from_dict(json.loads(args_path.read_text()), source=str(args_path))
+        _, model_args = read_scgpt_args(args.checkpoint)
         tokenized, report = tokenize.tokenize_scgpt(
             data.counts_CG, data.gene_ids, load_scgpt_vocab(args.checkpoint), data.obs_names,
             max_seq_len=args.max_seq_len, n_bins=model_args.n_bins or 51, pad_value=model_args.pad_value,
@@ -174,7 +177,14 @@ def cmd_tokenize(args) -> None:
         )
     summary = {"condition": args.condition, "model_kind": args.kind, **report.to_dict(), "splits": {}}
     for name, out in (("trace", args.out_trace), ("sae", args.out_sae)):
-        rows = np.flatnonzero(np.isin(tokenized.obs_names, cells.loc[cells["split"] == name, "obs_name"]))
+        wanted = cells.loc[cells["split"] == name, "obs_name"]
+        rows = np.flatnonzero(np.isin(tokenized.obs_names, wanted))
+        if len(wanted) and not len(rows):
+            raise CtraceInputError(
+                f"{args.h5ad}: none of the {wanted.nunique()} {name} cells listed in {args.cells} has a gene in "
+                f"{args.kind}'s vocabulary; check the gene column (--gene-column, now {args.gene_column!r}) and the "
+                "condition's cell filter"
+            )
         part = tokenized.subset(rows)
         part.save(out)
         summary["splits"][name] = int(len(part))
@@ -187,6 +197,8 @@ def cmd_dump_activations(args) -> None:
 
     backend = _load_backend(args)
     cells = _load_cells(args.tokenized, backend)
+    if not len(cells):
+        raise CtraceInputError(f"{args.tokenized}: no cells to dump; re-run tokenize on a condition with cells")
     t0 = time.perf_counter()
     n = dump_activations(
         backend, cells, args.layer, args.out_stem, positions_per_cell=args.positions_per_cell,
@@ -378,6 +390,8 @@ def cmd_sweep(args) -> None:
             + ". Pass the SAEs of one model and SAE set"
         )
     cells_file = _load_cells(args.tokenized, backend)
+    if not len(cells_file):
+        raise CtraceInputError(f"{args.tokenized}: no cells to trace; re-run tokenize on a condition with cells")
     cells = [cells_file.cell(i) for i in range(len(cells_file))]
     targets = [layer for layer in sorted(saes) if layer > args.layer]
     cfg = SweepConfig(features_per_batch=args.features_per_batch, ablations_per_batch=args.ablations_per_batch,
@@ -479,6 +493,9 @@ def _load_cells(path: str, backend):
     if (cells.values is not None) != wants_values:
         other = "Geneformer" if wants_values else "scGPT"
         raise CtraceInputError(f"{path}: cells tokenized for {other}, not {backend.name}; pass this model's tokenize output")
+    low = int(cells.ids.min(initial=0))
+    if low < 0:
+        raise CtraceInputError(f"{path}: negative token id {low}; the file is not tokenize output, re-run tokenize")
     top = int(cells.ids.max(initial=-1))
     if top >= backend.vocab_size:
         raise CtraceInputError(

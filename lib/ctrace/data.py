@@ -167,7 +167,16 @@ def select_obs(obs: pd.DataFrame, expression: str, where: str) -> np.ndarray:
 
 def _counts_matrix(adata, counts: str, rows: np.ndarray, path: Path, where: str):
     if counts == "X":
-        matrix, var = _rows(adata.X, rows), adata.var
+        try:
+            x = adata.X
+        except KeyError:  # a backed file without an X dataset
+            x = None
+        if x is None:
+            raise CtraceInputError(
+                f"{where}.counts: {path} has no X matrix; use a layer name (layers: {list(adata.layers.keys())}) "
+                "or 'raw'"
+            )
+        matrix, var = _rows(x, rows), adata.var
     elif counts == "raw":
         if adata.raw is None:
             raise CtraceInputError(f"{where}.counts: {path} has no .raw; use 'X' or a layer name")

@@ -74,36 +74,66 @@ class TopKSAE(nn.Module):
         self.W_dec_DF /= self.W_dec_DF.norm(dim=0, keepdim=True).clamp_min(1e-12)
 
 
-def save_sae(path_stem: str | os.PathLike, sae: TopKSAE, sidecar: dict[str, Any]) -> None:
-    """Write `<stem>.safetensors` and `<stem>.json` atomically; the JSON records the shape."""
+def sae_files(path_stem: str | os.PathLike) -> tuple[Path, Path]:
+    """(`<stem>.safetensors`, `<stem>.json`) of a stem or of either file; dots in the stem are kept."""
     stem = Path(path_stem)
+    if stem.suffix in (".safetensors", ".json"):
+        stem = stem.with_suffix("")
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def save_sae(path_stem: str | os.PathLike, sae: TopKSAE, sidecar: dict[str, Any]) -> None:
+    """Write `<stem>.safetensors` and `<stem>.json` atomically; the JSON records the shape.
+
+    The sidecar is written last and an older one removed first, so that an interrupted save leaves no
+    weights that an older sidecar would describe (`load_sae` then reports the missing sidecar)."""
+    weights, meta = sae_files(path_stem)
+    meta.unlink(missing_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
-    with atomic_path(stem.with_suffix(".safetensors")) as tmp:
+    with atomic_path(weights) as tmp:
         save_file(tensors, str(tmp))
-    write_json(stem.with_suffix(".json"), {"shape": asdict(sae.shape), **sidecar})
+    write_json(meta, {"shape": asdict(sae.shape), **sidecar})
+
+
+def _sidecar_shape(meta: Path, sidecar: Any) -> SAEShape:
+    shape = sidecar.get("shape") if isinstance(sidecar, dict) else None
+    fields = ("d_model", "n_features", "k")
+    if not isinstance(shape, dict) or set(shape) != set(fields):
+        raise CtraceInputError(f"{meta}: not an SAE sidecar with a 'shape' of {', '.join(fields)}; re-run fit-sae")
+    for name in fields:
+        value = shape[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CtraceInputError(f"{meta}: shape.{name} must be a positive integer, found {value!r}; re-run fit-sae")
+    if shape["k"] > shape["n_features"]:
+        raise CtraceInputError(f"{meta}: shape.k {shape['k']} exceeds shape.n_features {shape['n_features']}")
+    return SAEShape(**shape)
 
 
 def load_sae(path_stem: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[TopKSAE, dict]:
     """Load an SAE written by `save_sae` (pass the stem, or either file)."""
-    stem = Path(path_stem)
-    if stem.suffix in (".safetensors", ".json"):
-        stem = stem.with_suffix("")
-    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    weights, meta = sae_files(path_stem)
     for path in (weights, meta):
         if not path.is_file():
             raise CtraceInputError(f"{path}: SAE checkpoint file not found")
     try:
-        sidecar = json.loads(meta.read_text())
-        sae = TopKSAE(SAEShape(**sidecar["shape"]))
-    except (ValueError, KeyError, TypeError) as err:  # bad JSON, no/odd "shape", k out of range
-        raise CtraceInputError(
-            f"{meta}: not an SAE sidecar with a valid 'shape' ({type(err).__name__}: {err}); re-run fit-sae"
-        ) from None
+        sidecar = json.loads(meta.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise CtraceInputError(f"{meta}: not valid JSON ({err}); re-run fit-sae") from None
+    sae = TopKSAE(_sidecar_shape(meta, sidecar))
     try:
-        sae.load_state_dict(load_file(str(weights)))
-    except (SafetensorError, OSError, RuntimeError) as err:  # unreadable file, wrong keys or shapes
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise CtraceInputError(f"{weights}: SAE weights unreadable ({type(err).__name__}: {err}); re-run fit-sae") from None
+    expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in state.items()}
+    if found != expected:
+        differ = [
+            f"{name}: file {found.get(name, 'missing')}, expected {expected.get(name, 'none')}"
+            for name in sorted(set(expected) | set(found))
+            if found.get(name) != expected.get(name)
+        ]
         raise CtraceInputError(
-            f"{weights}: SAE weights unreadable or not matching {meta.name}'s shape {sae.shape} "
-            f"({type(err).__name__}: {str(err).splitlines()[0]}); re-run fit-sae"
-        ) from None
+            f"{weights}: SAE weights do not match {meta.name}'s shape {sae.shape} ({'; '.join(differ)}); re-run fit-sae"
+        )
+    sae.load_state_dict(state)
     return sae.to(device).eval(), sidecar

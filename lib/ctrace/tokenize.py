@@ -401,7 +401,7 @@ def tokenize_geneformer(
         if low.size:
             i = low[0]
             raise CtraceInputError(
-                f"n_counts_C: cell {start + i} ({obs[start + i]!r}) has n_counts {n_counts[i]:g} but its "
+                f"n_counts_C: cell {start + i} ({str(obs[start + i])!r}) has n_counts {n_counts[i]:g} but its "
                 f"counts in counts_CG sum to {sums[i]:g}; n_counts must be the total raw count over all "
                 "genes (e.g. adata.obs['n_counts'] computed on raw counts)"
             )

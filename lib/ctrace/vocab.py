@@ -7,6 +7,7 @@ scGPT: `vocab.json`, gene symbol → id, specials `<pad>`, `<cls>`, `<eoc>` at t
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -78,10 +79,22 @@ def load_geneformer_dictionaries(directory: str | os.PathLike, version: str = "V
                 f"{directory / GENEFORMER_FILES[version]['token_dict']}: special token {special!r} is missing; "
                 f"is this a {version} dictionary?"
             )
+    if sorted(token_dict.values()) != list(range(len(token_dict))):
+        raise CtraceInputError(
+            f"{files['token_dict']}: token ids are not a permutation of 0..{len(token_dict) - 1} (the rows of the "
+            "model's embedding); use the dictionary the checkpoint was trained with"
+        )
+    gene_medians = _typed(loaded["gene_medians"], files["gene_medians"], float, "gene id -> median count")
+    bad = [gene for gene, median in gene_medians.items() if not (math.isfinite(median) and median > 0)]
+    if bad:
+        raise CtraceInputError(
+            f"{files['gene_medians']}: {len(bad)} gene median(s) are not finite positive numbers (e.g. {bad[0]}: "
+            f"{gene_medians[bad[0]]!r}); cells are ranked by count / median, so every median must be > 0"
+        )
     return GeneformerDictionaries(
         version=version,
         token_dict=token_dict,
-        gene_medians=_typed(loaded["gene_medians"], files["gene_medians"], float, "gene id -> median count"),
+        gene_medians=gene_medians,
         gene_name_id=_typed(loaded["gene_name_id"], files["gene_name_id"], str, "gene symbol -> gene id"),
         ensembl_mapping=_typed(loaded["ensembl_mapping"], files["ensembl_mapping"], str, "id or symbol -> gene id"),
     )
@@ -132,9 +145,9 @@ def load_scgpt_vocab(path: str | os.PathLike) -> dict[str, int]:
     if not path.is_file():
         raise CtraceInputError(f"{path}: scGPT vocab.json not found")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CtraceInputError(f"{path}: not valid JSON ({err})") from None
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CtraceInputError(f"{path}: not valid UTF-8 JSON ({err}); expected scGPT's vocab.json") from None
     if not isinstance(raw, dict) or not all(isinstance(v, int) for v in raw.values()):
         raise CtraceInputError(f"{path}: expected a JSON object of gene symbol -> integer id")
     vocab = dict(raw)

@@ -84,7 +84,10 @@ def read_geneformer_config(model_dir: str | os.PathLike) -> dict:
             f"{path}: hidden_size {config['hidden_size']} is not a multiple of num_attention_heads "
             f"{config['num_attention_heads']}"
         )
-    if config["hidden_act"] not in _ACTIVATIONS:
+    eps = config["layer_norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise CtraceInputError(f"{path}: 'layer_norm_eps' must be a small positive number (BERT: 1e-12), found {eps!r}")
+    if not isinstance(config["hidden_act"], str) or config["hidden_act"] not in _ACTIVATIONS:
         raise CtraceInputError(
             f"{path}: hidden_act {config['hidden_act']!r} is not supported; use one of {', '.join(_ACTIVATIONS)} "
             "(Geneformer models use 'relu')"

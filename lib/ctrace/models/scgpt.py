@@ -70,6 +70,8 @@ class ScGPTArgs:
         for key in ("dropout", "pad_value"):
             if isinstance(raw.get(key), bool) or not isinstance(raw.get(key), (int, float)):
                 raise CtraceInputError(f"{source}: key {key!r} must be a number, found {raw.get(key)!r}")
+        if not 0 <= raw["dropout"] < 1:
+            raise CtraceInputError(f"{source}: key 'dropout' must be in [0, 1), found {raw['dropout']!r}")
         if not isinstance(raw.get("pad_token"), str):
             raise CtraceInputError(f"{source}: key 'pad_token' must be a string such as \"<pad>\"")
         style = raw.get("input_emb_style", "continuous")
