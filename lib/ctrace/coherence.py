@@ -112,8 +112,12 @@ class _EdgeBlocks:
 
         Batched double-edge swaps. Each round pairs up the edges of every block at random (disjoint
         pairs) and proposes to exchange the two targets. A proposal is rejected when the two edges share
-        their source or their target, when a new edge already exists, or when two proposals of the same
-        round would create the same edge. About `n_swaps_per_edge × n_edges` swaps are proposed.
+        their source or their target, when any of its four cells (its two edges and the two it would
+        create) is also a cell of another proposal of the round, or when a new edge already exists.
+        The accepted swaps then touch disjoint cells, so a round is a set of independent swaps whose
+        reverse round (same pairs) is exactly as likely: the chain is symmetric and samples the graphs
+        with these degrees uniformly (rejecting only colliding *new* edges, as before, was not: it
+        under-sampled hub-to-hub edges). About `n_swaps_per_edge × n_edges` swaps are proposed.
         """
         s, t = self.src, self.tgt.copy()
         m = self.n_edges
@@ -153,17 +157,15 @@ class _EdgeBlocks:
                 continue
             new1 = s[a] * nt + t[b]
             new2 = s[b] * nt + t[a]
-            keep = ~exists(new1) & ~exists(new2)
+            # a proposal's four cells are distinct (s and t differ), so a repeated cell is shared with another
+            cells = np.concatenate([codes[a], codes[b], new1, new2])
+            srt = np.sort(cells)
+            shared = srt[1:][srt[1:] == srt[:-1]]
+            keep = ~np.isin(cells, shared).reshape(4, -1).any(axis=0) if len(shared) else np.ones(len(a), bool)
+            keep &= ~exists(new1) & ~exists(new2)
             a, b, new1, new2 = a[keep], b[keep], new1[keep], new2[keep]
             if len(a) == 0:
                 continue
-            both = np.concatenate([new1, new2])
-            srt = np.sort(both)
-            dup_values = srt[1:][srt[1:] == srt[:-1]]
-            if len(dup_values):
-                bad = np.isin(both, dup_values)
-                keep = ~(bad[: len(a)] | bad[len(a) :])
-                a, b, new1, new2 = a[keep], b[keep], new1[keep], new2[keep]
             old = np.concatenate([codes[a], codes[b]])
             t[a], t[b] = t[b].copy(), t[a].copy()
             codes[a], codes[b] = new1, new2
