@@ -14,6 +14,7 @@ from ctrace.biology import ALL_CONDITIONS, annotated_top_edges, coherence_by_mod
 from ctrace.cli import main
 from ctrace.coherence import coherence, term_sets
 from ctrace.consensus import consensus, domains
+from ctrace.errors import CtraceInputError
 from ctrace.validation import directional_accuracy, gene_pairs_from_edges, load_perturbation_table
 from test_validation import TRRUST_TOY, replogle_bulk
 
@@ -120,6 +121,10 @@ def test_consensus_by_mode_per_shared_condition_and_all(tmp_path):
     assert per_mode[ALL_CONDITIONS]["n_pairs_a"] == direct_all_pairs(both, sig)
     assert c1["disease"]["disease_domains"] == 1 and len(c1["disease"]["table"]) == 2
     json.dumps(out)
+    partial = {t: g for t, g in domain_genes.items() if t != TERMS[0]}  # another library than the annotation's
+    with pytest.raises(CtraceInputError, match=rf"consensus: 1 domain term\(s\) have no gene set .*'{TERMS[0]}'"):
+        consensus_by_mode({"corrected": a}, sig, {"corrected": b}, sig, n_permutations=10, seed=0,
+                          domain_genes=partial, disease_gmt=disease)
 
 
 def direct_all_pairs(edges, sig) -> int:

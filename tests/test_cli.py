@@ -400,6 +400,16 @@ def test_statistics_record_the_model_label_and_edges_refuse_another(bad_inputs, 
         capsys.readouterr().err
     )
     assert not (tmp_path / "gf_v1.c.parquet").exists()
+    import dataclasses
+
+    import numpy as np
+
+    stats = SweepStats.load(shard)
+    nan_sums = stats.sum_SLG.copy()
+    nan_sums[0, 0, 0] = np.nan
+    dataclasses.replace(stats, sum_SLG=nan_sums).save(shard)
+    assert edges("gf_v2") == 2
+    assert "shard0.npz: sums of δ hold NaN or inf, which would silently drop tests" in capsys.readouterr().err
 
 
 def test_dumps_and_saes_of_another_layer_or_model_are_refused(bad_inputs, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """ctrace.config: schema validation with defaults, cross-references, file checks."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,23 @@ def test_missing_files_are_reported(raw_config, tmp_path):
     text = str(err.value)
     assert "conditions.t_reg.h5ad: file" in text and "nope.h5ad" in text
     assert "models.geneformer.checkpoint: folder" in text
+
+
+def test_gene_set_libraries_of_one_name_are_an_error(raw_config, tmp_path):
+    from ctrace.genesets import load_libraries
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "hallmark.gmt").write_text(f"SET_{folder}\tna\tGENE1\tGENE2\n")
+    a, b = str(tmp_path / "a" / "hallmark.gmt"), str(tmp_path / "b" / "hallmark.gmt")
+    for entries in (["hallmark", a], [a, b]):
+        raw_config["annotation"]["gene_sets"] = entries
+        message = f"annotation.gene_sets: {entries[0]!r} and {entries[1]!r} are both library 'hallmark'"
+        with pytest.raises(CtraceInputError, match=re.escape(message)):
+            validate_config(raw_config)
+        with pytest.raises(CtraceInputError, match=re.escape(message)):
+            load_libraries(entries)
+    assert set(load_libraries([a, "reactome"])) == {"hallmark", "reactome"}
 
 
 def test_shards_must_hold_whole_batch_groups(raw_config):

@@ -71,7 +71,7 @@ def test_planted_consensus_pairs_are_detected():
     assert set(planted) <= set(res.shared_pairs)
     assert res.observed == len(res.shared_pairs) >= len(planted)
     assert res.fold > 2
-    assert res.p_value <= 1 / 201 + 1e-12
+    assert (res.null_values >= res.observed).sum() == 0 and res.p_value == 1 / 201  # (1 + 0) / (1 + 200)
     assert res.relabel.n_permutations == 200
     d = res.to_dict()
     assert d["observed"] == res.observed and "relabel" in d and "null_values" not in d
@@ -149,6 +149,19 @@ def test_disease_domains_from_gmt(tmp_path):
     assert read_gmt(gmt)["LEUKEMIA"] == frozenset({"G1", "G2", "G3", "G4", "G5"})
     out = disease_domains(domain_genes, gmt, background=background)
     assert out == {"heme_term", "OTHER_DISEASE"}
+    # BH, not raw p: one test with p ≈ 0.008 < 0.05 among 31 (30 disease sets it does not overlap) has q ≈ 0.24
+    from scipy import stats as sps
+    from statsmodels.stats.multitest import multipletests
+
+    universe = [f"D{i}" for i in range(10)] + [f"B{i}" for i in range(200)]
+    weak = {"weak_term": ["D0", "D1", "D2"] + [f"B{i}" for i in range(7)]}
+    sets = {"DISEASE": [f"D{i}" for i in range(10)], **{f"UNRELATED{j}": [f"B{100 + 3 * j + i}" for i in range(3)]
+                                                          for j in range(30)}}
+    p = sps.hypergeom.sf(2, len(universe), 10, 10)
+    q = multipletests([p] + [1.0] * 30, method="fdr_bh")[1][0]
+    assert p < 0.05 <= q
+    assert disease_domains(weak, sets, background=universe) == set()
+    assert disease_domains(weak, {"DISEASE": sets["DISEASE"]}, background=universe) == {"weak_term"}  # 1 test: q = p
     bad = tmp_path / "bad.gmt"
     bad.write_text("only_name\n")
     with pytest.raises(CtraceInputError, match="line 1"):

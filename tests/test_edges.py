@@ -211,6 +211,38 @@ def test_summary_and_null(raw):
     expected, _ = np.histogram(np.clip(null_d, bins[0], bins[-1]), bins=bins)
     assert summary["null"]["abs_d_histogram"] == expected.tolist()
     assert sum(summary["real"]["abs_d_histogram"]) == summary["real"]["tests"]
+    # the fraction of TESTS (n ≥ 3, sd > 0) passing |d| ≥ 0.5 and sign-consistency ≥ 0.7
+    ref = scipy_reference(delta, n_S, features)
+    passing = sum(abs(r["d"]) >= 0.5 and r["cons"] >= 0.7 for r in ref.values())
+    assert summary["real"]["tests"] == len(ref)
+    assert summary["real"]["frac_pass_effect_filters"] == pytest.approx(passing / len(ref))
+
+
+def test_thresholds_hold_at_their_boundaries():
+    """|d| and consistency exactly at the thresholds: corrected mode takes ≥, reference mode >."""
+    # n = 100, Σδ = 50 (mean 0.5); Σδ² = 99 + Σδ²/n gives sd exactly 1, so d = 0.5 exactly; p ≈ 3e-6
+    targets = {  # target feature → (Σδ, Σδ², #δ>0)
+        0: (50.0, 124.0, 70),  # d = 0.5, consistency 0.70: corrected only
+        1: (50.0, 124.0, 69),  # consistency 0.69: neither
+        2: (60.0, 135.0, 70),  # d = 0.6, consistency 0.70: corrected only (reference needs > 0.7)
+        3: (50.0, 124.0, 71),  # d = 0.5, consistency 0.71: corrected only (reference needs |d| > 0.5)
+        4: (60.0, 135.0, 71),  # both
+        5: (-50.0, 124.0, 30),  # d = −0.5, 70 of 100 negative: corrected only
+    }
+    G = len(targets)
+    sums = np.array([[[targets[g][0] for g in range(G)]]])
+    stats = SweepStats(
+        source_layer=0, source_features_S=np.array([7]), target_layers_L=np.array([1]), n_target_features=G,
+        n_S=np.array([100]), sum_SLG=sums, sumsq_SLG=np.array([[[targets[g][1] for g in range(G)]]]),
+        pos_SLG=np.array([[[targets[g][2] for g in range(G)]]]),
+        neg_SLG=np.array([[[100 - targets[g][2] for g in range(G)]]]),
+        null_sum_SRLG=np.zeros((1, 0, 1, G)), null_sumsq_SRLG=np.zeros((1, 0, 1, G)),
+        null_pos_SRLG=np.zeros((1, 0, 1, G), np.int64), null_neg_SRLG=np.zeros((1, 0, 1, G), np.int64),
+    )
+    table = edge_statistics(stats, "c")
+    assert table.loc[table["target_feature"] == 0, "cohens_d"].item() == 0.5
+    assert set(edge_table(stats, "c", "corrected")["target_feature"]) == {0, 2, 3, 4, 5}
+    assert set(edge_table(stats, "c", "reference")["target_feature"]) == {4}
 
 
 def test_bh_matches_statsmodels():

@@ -338,6 +338,19 @@ def test_zero_norm_ablation_gives_exactly_zero(toy):
     _assert_exactly_zero(stats)  # exactly zero, not merely small
 
 
+def test_non_finite_responses_are_an_error_not_dropped_tests(toy):
+    import copy
+
+    backend, cells, saes = toy
+    broken = {**saes, 0: copy.deepcopy(saes[0])}
+    with torch.no_grad():
+        broken[0].W_dec_DF[:, 3] = float("inf")  # ablating feature 3 writes inf, then NaN, downstream
+    # (the δ of one pass are one matmul, so the NaN reaches the other features of feature 3's passes too)
+    with pytest.raises(CtraceInputError, match=r"non-finite responses \(NaN or inf\) for \d source feature\(s\) of "
+                                               r"layer 0, e.g. \[(\d, )*3(, \d)*\]"):
+        run_sweep(backend, broken, cells, 0, [0, 3, 5], [1, 2], SweepConfig(null_draws=1))
+
+
 @pytest.mark.parametrize("features_per_batch", [4, 8])
 def test_shards_merge_to_the_single_run(toy, tmp_path, features_per_batch):
     """Acceptance: 1 shard vs 3 shards (consecutive slices, multiples of features_per_batch) give

@@ -1,5 +1,7 @@
 """Gene-level validation: Replogle-layout perturbation tables, directional accuracy, TRRUST precision."""
 
+import math
+
 import anndata
 import numpy as np
 import pandas as pd
@@ -139,6 +141,11 @@ def test_gene_pairs_sign_convention_and_aggregation():
     assert ranked.set_index(["source_gene", "target_gene"]).loc[("X", "TF1"), "weight"] == pytest.approx(2.0 / 4)
     with pytest.raises(CtraceInputError, match="weight"):
         gene_pairs_from_edges(edges, features, weight="bogus")
+    other_layers = features.assign(layer=features["layer"] + 6)  # another SAE set's (or model's) table
+    with pytest.raises(CtraceInputError, match=r"none of its 3 edges has both features in the features table \(edge "
+                                               r"layers \[0, 5\], features with top genes at layers \[6, 11\]\)"):
+        gene_pairs_from_edges(edges, other_layers)
+    assert gene_pairs_from_edges(edges.iloc[:0], other_layers).empty
 
 
 def test_directional_accuracy_equals_hand_computation(tmp_path):
@@ -164,7 +171,12 @@ def test_directional_accuracy_equals_hand_computation(tmp_path):
     assert res.baseline == pytest.approx(pp * po + (1 - pp) * (1 - po))
     wpp, wpo = (1 + 2) / 12, (3 + 2) / 12
     assert res.weighted_baseline == pytest.approx(wpp * wpo + (1 - wpp) * (1 - wpo))
-    assert 0 < res.p_vs_baseline <= 1 and 0 < res.p_vs_half <= 1
+    # one-sided binomial tails P(X ≥ 4 | n = 6, p), by hand
+    def tail(p):
+        return sum(math.comb(6, k) * p**k * (1 - p) ** (6 - k) for k in range(4, 7))
+
+    assert res.p_vs_baseline == pytest.approx(tail(res.baseline), rel=1e-12)
+    assert res.p_vs_half == pytest.approx(tail(0.5), rel=1e-12) and tail(0.5) == pytest.approx(22 / 64)
     strict = directional_accuracy(pairs, table, min_abs_lfc=0.35)["K562"]
     assert strict.n_tested == 5 and strict.n_below_threshold == 2  # SB-GB (|−0.3|) dropped too
     assert list(accuracy_frame({"K562": res})["cell_line"]) == ["K562"]

@@ -97,6 +97,12 @@ def consensus_by_mode(
         if domain_genes is None:
             raise CtraceInputError("consensus: disease enrichment needs the domain terms' gene sets")
         used = set(dom_a.values()) | set(dom_b.values())
+        unknown = sorted(used - set(domain_genes))
+        if unknown:  # they would silently count as non-disease domains
+            raise CtraceInputError(
+                f"consensus: {len(unknown)} domain term(s) have no gene set in the annotation libraries given, e.g. "
+                f"{unknown[:3]}; pass the gene-set libraries the features were annotated with"
+            )
         disease_terms = disease_domains({d: g for d, g in domain_genes.items() if d in used}, disease_gmt)
     out: dict[str, Any] = {"domains_a": len(dom_a), "domains_b": len(dom_b)}
     for mode in edges_a:

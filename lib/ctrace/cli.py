@@ -411,6 +411,7 @@ def cmd_merge_sweep(args) -> None:
 
 
 def cmd_edges(args) -> None:
+    import numpy as np
     import pandas as pd
 
     from ctrace.edges import EdgeCriteria, edge_table, summarize_edges
@@ -420,6 +421,11 @@ def cmd_edges(args) -> None:
     criteria = EdgeCriteria(min_n=args.min_n, q_max=args.q, d_min=args.min_abs_d,
                             consistency_min=args.min_consistency, reference_top_k=args.reference_top_k)
     stats = [SweepStats.load(p) for p in args.stats]
+    for path, s in zip(args.stats, stats):
+        if not all(np.isfinite(getattr(s, name)).all() for name in ("sum_SLG", "sumsq_SLG", "null_sum_SRLG",
+                                                                     "null_sumsq_SRLG")):
+            raise CtraceInputError(f"{path}: sums of δ hold NaN or inf, which would silently drop tests; re-run "
+                                   "the sweep in float32")
     for path, s in zip(args.stats[1:], stats[1:]):
         if (s.backend, s.cells_digest) != (stats[0].backend, stats[0].cells_digest):
             raise CtraceInputError(

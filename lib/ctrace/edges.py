@@ -247,8 +247,6 @@ def summarize_edges(
         null.append(np.abs(tn.d[tn.tested]))
         null_pass += int((_passes_effect(tn, criteria)).sum())
     real_d, null_d = np.concatenate(real), np.concatenate(null)
-    n_real_candidates = sum(p.sum_SLG.size for p in parts)
-    n_null_candidates = sum(p.null_sum_SRLG.size for p in parts)
     return {
         "edges": int(len(edges)),
         "mean_abs_d": float(abs_d.mean()) if abs_d.size else None,
@@ -264,14 +262,14 @@ def summarize_edges(
         "real": {
             "tests": int(real_d.size),
             "abs_d_quantiles": _quantiles(real_d, probs),
-            "frac_pass_effect_filters": real_pass / n_real_candidates if n_real_candidates else None,
+            "frac_pass_effect_filters": real_pass / real_d.size if real_d.size else None,
             "abs_d_histogram": _histogram(real_d),
         },
         "null": {
             "draws": int(parts[0].null_draws),
             "tests": int(null_d.size),
             "abs_d_quantiles": _quantiles(null_d, probs),
-            "frac_pass_effect_filters": null_pass / n_null_candidates if n_null_candidates else None,
+            "frac_pass_effect_filters": null_pass / null_d.size if null_d.size else None,
             "abs_d_histogram": _histogram(null_d),
         },
         "abs_d_bin_edges": ABS_D_BIN_EDGES.tolist(),

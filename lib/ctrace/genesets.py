@@ -10,6 +10,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from ctrace.errors import CtraceInputError
+
 BUNDLED_GMT_FILES: dict[str, str] = {
     "hallmark": "h.all.v7.4.symbols.gmt",
     "reactome": "ReactomePathways.gmt",
@@ -34,8 +36,20 @@ def load_libraries(entries) -> dict[str, dict[str, frozenset[str]]]:
     from ctrace.enrichment import read_gmt
 
     bundled = bundled_gmt_paths()
-    libraries = {}
+    libraries, named_by = {}, {}
     for entry in entries:
         path = bundled.get(entry, Path(entry))
-        libraries[entry if entry in bundled else path.stem] = read_gmt(path)
+        name = library_name(entry)
+        if name in named_by:
+            raise CtraceInputError(
+                f"annotation.gene_sets: {named_by[name]!r} and {entry!r} are both library {name!r} (a GMT file is "
+                "named by its file stem); rename one of the files"
+            )
+        named_by[name] = entry
+        libraries[name] = read_gmt(path)
     return libraries
+
+
+def library_name(entry: str) -> str:
+    """The name a gene_sets entry goes by: a bundled library's own name, else the GMT file's stem."""
+    return entry if entry in BUNDLED_GMT_FILES else Path(entry).stem

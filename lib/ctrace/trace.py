@@ -592,6 +592,15 @@ def run_sweep(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     acc = plan.acc_IXLG.cpu().numpy()
+    bad_items = np.flatnonzero(~np.isfinite(acc).all(axis=(1, 2, 3)))
+    if bad_items.size:
+        # NaN/inf δ (an overflow in a half-precision model, a NaN in the weights) would silently drop tests
+        bad = np.unique(src[np.where(bad_items < S, bad_items, (bad_items - S) // max(R, 1))])
+        raise CtraceInputError(
+            f"sweep: non-finite responses (NaN or inf) for {bad.size} source feature(s) of layer {L}, e.g. "
+            f"{bad[:5].tolist()}; the model or SAEs produce non-finite activations (run the model in float32, "
+            "without bf16 autocast, and check its weights)"
+        )
     out_sum, out_sq = acc[:, 0], acc[:, 1]
     out_pos, out_neg = acc[:, 2].astype(np.int64), acc[:, 3].astype(np.int64)
 

@@ -391,13 +391,23 @@ def gene_pairs_from_edges(
 
     src_index, src_mat = gene_matrix(src_map)
     tgt_index, tgt_mat = gene_matrix(tgt_map)
-    if src_index is None or tgt_index is None or len(edges) == 0:
+    if len(edges) == 0:
         return empty
     d = pd.to_numeric(edges["cohens_d"], errors="coerce").to_numpy(np.float64)
-    si = src_index.get_indexer(pd.MultiIndex.from_arrays(
+    no_index = np.full(len(edges), -1)
+    si = no_index if src_index is None else src_index.get_indexer(pd.MultiIndex.from_arrays(
         [edges["source_layer"].to_numpy(np.int64), edges["source_feature"].to_numpy(np.int64)]))
-    ti = tgt_index.get_indexer(pd.MultiIndex.from_arrays(
+    ti = no_index if tgt_index is None else tgt_index.get_indexer(pd.MultiIndex.from_arrays(
         [edges["target_layer"].to_numpy(np.int64), edges["target_feature"].to_numpy(np.int64)]))
+    if not ((si >= 0) & (ti >= 0)).any():
+        # features without top genes are skipped one by one; none matching means another model's or SAE set's table
+        edge_layers = sorted(set(edges["source_layer"].astype(int)) | set(edges["target_layer"].astype(int)))
+        table_layers = sorted({layer for layer, _ in src_map} | {layer for layer, _ in tgt_map})
+        raise CtraceInputError(
+            f"edge table: none of its {len(edges)} edges has both features in the features table (edge layers "
+            f"{edge_layers}, features with top genes at layers {table_layers}); pass the annotate output of the "
+            "edges' model and SAE set"
+        )
     ok = (si >= 0) & (ti >= 0) & np.isfinite(d) & (d != 0)
     si, ti, d = si[ok], ti[ok], d[ok]
     n_genes = np.int64(max(len(vocab), 1))
