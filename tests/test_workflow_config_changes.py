@@ -198,6 +198,34 @@ def test_the_rerun_check_catches_a_finished_job_that_would_rerun(finished_defaul
         os.utime(cells, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
+def test_device_and_memory_caps_re_run_nothing_but_result_settings_do(finished_default_workflow):
+    """The device, the models' batch sizes and the sweep's per-pass caps change how a job runs, not what
+    it computes (to float rounding): they are resources, so changing one (e.g. after an out-of-memory
+    kill, or to move on to a GPU) re-runs no finished dump, SAE fit or sweep. Negative control: a
+    setting that changes results (null draws) re-runs the sweeps."""
+    workdir = finished_default_workflow
+    path = workdir / "config" / "config.yaml"
+    original = path.read_text()
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())  # the finished one (no new condition)
+    try:
+        config["device"] = "cpu"
+        for block in config["models"].values():
+            block["batch_size"] = 2 * block["batch_size"]
+        config["sweep"]["ablations_per_batch"] //= 2
+        config["sweep"]["cells_per_clean_pass"] //= 2
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        log = snakemake(workdir, "--dry-run", "--cores", "1")
+        assert "Nothing to be done" in log, parse_jobs(log)[:5]
+        config["sweep"]["null_draws"] += 1
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        jobs = parse_jobs(snakemake(workdir, "--dry-run", "--cores", "1"))
+        sweeps = [job for job in jobs if job["rule"] == "ablation_sweep"]
+        assert sweeps and all("Params have changed" in job["reason"] for job in sweeps), jobs[:3]
+        assert not {job["rule"] for job in jobs} & {"dump_activations", "fit_sae"}
+    finally:
+        path.write_text(original)
+
+
 # ---- device: cuda without a GPU --------------------------------------------------------------------
 def test_device_cuda_without_gpu_fails_fast_with_a_clear_message(tmp_path):
     import torch
@@ -233,6 +261,9 @@ def test_config_device_cuda_reaches_the_gpu_rules(tmp_path):
     log = snakemake(tmp_path, "--configfile", str(tmp_path / "c.yaml"), "--dry-run", "--printshellcmds", "--cores", "1")
     dumps = [line for line in log.splitlines() if "ctrace " in line and " dump-activations " in line]
     assert dumps and all("--device cuda" in line for line in dumps), dumps[:2]
+    sweeps = [line for line in log.splitlines() if "ctrace " in line and " sweep " in line]
+    caps = f"--ablations-per-batch {config['sweep']['ablations_per_batch']} --cells-per-clean-pass"
+    assert sweeps and all("--device cuda" in line and caps in line for line in sweeps), sweeps[:2]
 
 
 # ---- the Slurm test config and the profiles ---------------------------------------------------------

@@ -13,16 +13,18 @@ rule dump_activations:
         "../envs/ctrace.yaml"
     resources:
         gpu=1,
+        device=DEVICE,
         mem_mb=8000,
         runtime=120,
+        batch_size=get_batch_size,
     params:
         model=get_model_args,
-        runtime=get_runtime_args,
-        batch_size=get_batch_size,
+        dtype=get_model_dtype,
         positions=config["activations"]["positions_per_cell"],
         seed=get_condition_seed,
     shell:
-        "ctrace --threads {threads} dump-activations {params.model} {params.runtime} --batch-size {params.batch_size}"
+        "ctrace --threads {threads} dump-activations {params.model}"
+        " --device {resources.device} --dtype {params.dtype} --batch-size {resources.batch_size}"
         " --tokenized {input.tokenized}"
         " --layer {wildcards.layer} --positions-per-cell {params.positions} --seed {params.seed}"
         " --out-stem results/activations/{wildcards.model}/{wildcards.condition}/layer{wildcards.layer}"

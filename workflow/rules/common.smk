@@ -138,9 +138,8 @@ def get_model_args(wildcards):
     return " ".join(shlex.quote(a) for a in model_args(wildcards.model))
 
 
-def get_runtime_args(wildcards):
-    block = model_block(wildcards.model)
-    return f"--device {DEVICE} --dtype {block['dtype']}"
+def get_model_dtype(wildcards):
+    return model_block(wildcards.model)["dtype"]
 
 
 def get_batch_size(wildcards):
@@ -345,7 +344,6 @@ def get_sweep_args(wildcards):
     sweep = config["sweep"]
     return (
         f"--features-per-shard {sweep['features_per_shard']} --features-per-batch {sweep['features_per_batch']}"
-        f" --ablations-per-batch {sweep['ablations_per_batch']} --cells-per-clean-pass {sweep['cells_per_clean_pass']}"
         f" --response {sweep['response']} --null-draws {sweep['null_draws']}"
     )
 

@@ -13,17 +13,17 @@ rule fit_sae:
         "../envs/ctrace.yaml"
     resources:
         gpu=1,
+        device=DEVICE,
         mem_mb=16000,
         runtime=240,
     params:
         dumps=get_sae_training_stems,
         sae=get_sae_args,
         seed=SEED,
-        device=DEVICE,
     shell:
         "ctrace --threads {threads} fit-sae --dumps {params.dumps} --model {wildcards.model}"
         " --sae-set {wildcards.sae_set} --layer {wildcards.layer} {params.sae} --seed {params.seed}"
-        " --device {params.device} --out-stem results/sae/{wildcards.model}/{wildcards.sae_set}/layer{wildcards.layer}"
+        " --device {resources.device} --out-stem results/sae/{wildcards.model}/{wildcards.sae_set}/layer{wildcards.layer}"
         " --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -57,15 +57,15 @@ rule annotate_features:
         "../envs/ctrace.yaml"
     resources:
         gpu=1,
+        device=DEVICE,
         mem_mb=8000,
         runtime=60,
     params:
         model=get_model_args,
         dumps=get_sae_training_stems,
         annotation=get_annotation_args,
-        device=DEVICE,
     shell:
-        "ctrace --threads {threads} annotate {params.model} --device {params.device}"
+        "ctrace --threads {threads} annotate {params.model} --device {resources.device}"
         " --sae results/sae/{wildcards.model}/{wildcards.sae_set}/layer{wildcards.layer}"
         " --layer {wildcards.layer} --dumps {params.dumps} --tokenized {input.tokenized}"
         " {params.annotation} --out-features {output.features}"

@@ -32,18 +32,22 @@ rule ablation_sweep:
         "../envs/ctrace.yaml"
     resources:
         gpu=1,
+        device=DEVICE,
         mem_mb=16000,
         runtime=get_sweep_runtime,
+        ablations_per_batch=config["sweep"]["ablations_per_batch"],
+        cells_per_clean_pass=config["sweep"]["cells_per_clean_pass"],
     params:
         model=get_model_args,
-        runtime=get_runtime_args,
+        dtype=get_model_dtype,
         saes=get_sweep_sae_stems,
         sweep=get_sweep_args,
         seed=SEED,
     shell:
-        "ctrace --threads {threads} sweep {params.model} {params.runtime} --tokenized {input.tokenized}"
-        " --saes {params.saes} --layer {wildcards.layer} --sources {input.sources}"
-        " --shard {wildcards.shard} {params.sweep} --seed {params.seed} --out {output} > {log} 2>&1"
+        "ctrace --threads {threads} sweep {params.model} --device {resources.device} --dtype {params.dtype}"
+        " --tokenized {input.tokenized} --saes {params.saes} --layer {wildcards.layer} --sources {input.sources}"
+        " --shard {wildcards.shard} {params.sweep} --ablations-per-batch {resources.ablations_per_batch}"
+        " --cells-per-clean-pass {resources.cells_per_clean_pass} --seed {params.seed} --out {output} > {log} 2>&1"
 
 
 rule merge_sweep:
