@@ -369,6 +369,9 @@ def test_geneformer_tokenize_fits_the_checkpoint_and_refuses_a_split_left_empty(
 
 
 def test_statistics_record_the_model_label_and_edges_refuse_another(bad_inputs, tmp_path, capsys):
+    import dataclasses
+
+    import numpy as np
     import torch
 
     from ctrace.cli import main
@@ -400,10 +403,6 @@ def test_statistics_record_the_model_label_and_edges_refuse_another(bad_inputs, 
         capsys.readouterr().err
     )
     assert not (tmp_path / "gf_v1.c.parquet").exists()
-    import dataclasses
-
-    import numpy as np
-
     stats = SweepStats.load(shard)
     nan_sums = stats.sum_SLG.copy()
     nan_sums[0, 0, 0] = np.nan

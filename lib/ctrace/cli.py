@@ -197,8 +197,6 @@ def cmd_dump_activations(args) -> None:
 
     backend = _load_backend(args)
     cells = _load_cells(args.tokenized, backend)
-    if not len(cells):
-        raise CtraceInputError(f"{args.tokenized}: no cells to dump; re-run tokenize on a condition with cells")
     t0 = time.perf_counter()
     n = dump_activations(
         backend, cells, args.layer, args.out_stem, positions_per_cell=args.positions_per_cell,
@@ -390,8 +388,6 @@ def cmd_sweep(args) -> None:
             + ". Pass the SAEs of one model and SAE set"
         )
     cells_file = _load_cells(args.tokenized, backend)
-    if not len(cells_file):
-        raise CtraceInputError(f"{args.tokenized}: no cells to trace; re-run tokenize on a condition with cells")
     cells = [cells_file.cell(i) for i in range(len(cells_file))]
     targets = [layer for layer in sorted(saes) if layer > args.layer]
     cfg = SweepConfig(features_per_batch=args.features_per_batch, ablations_per_batch=args.ablations_per_batch,
@@ -411,7 +407,6 @@ def cmd_merge_sweep(args) -> None:
 
 
 def cmd_edges(args) -> None:
-    import numpy as np
     import pandas as pd
 
     from ctrace.edges import EdgeCriteria, edge_table, summarize_edges
@@ -421,11 +416,6 @@ def cmd_edges(args) -> None:
     criteria = EdgeCriteria(min_n=args.min_n, q_max=args.q, d_min=args.min_abs_d,
                             consistency_min=args.min_consistency, reference_top_k=args.reference_top_k)
     stats = [SweepStats.load(p) for p in args.stats]
-    for path, s in zip(args.stats, stats):
-        if not all(np.isfinite(getattr(s, name)).all() for name in ("sum_SLG", "sumsq_SLG", "null_sum_SRLG",
-                                                                     "null_sumsq_SRLG")):
-            raise CtraceInputError(f"{path}: sums of δ hold NaN or inf, which would silently drop tests; re-run "
-                                   "the sweep in float32")
     for path, s in zip(args.stats[1:], stats[1:]):
         if (s.backend, s.cells_digest) != (stats[0].backend, stats[0].cells_digest):
             raise CtraceInputError(
@@ -491,10 +481,12 @@ def _one_model(edges, paths: list[str], model: str) -> None:
 
 
 def _load_cells(path: str, backend):
-    """Tokenized cells that fit the backend: the right tokenizer (scGPT needs values) and vocabulary."""
+    """Tokenized cells that fit the backend: at least one, the right tokenizer (scGPT needs values) and vocabulary."""
     from ctrace.tokenize import TokenizedCells
 
     cells = TokenizedCells.load(path)
+    if not len(cells):
+        raise CtraceInputError(f"{path}: no cells; re-run tokenize on a condition with cells")
     wants_values = backend.pad_value is not None  # the back-ends that collate per-token values
     if (cells.values is not None) != wants_values:
         other = "Geneformer" if wants_values else "scGPT"

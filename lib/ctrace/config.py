@@ -14,7 +14,7 @@ import jsonschema
 import yaml
 
 from ctrace.errors import CtraceInputError
-from ctrace.genesets import BUNDLED_GMT_FILES, library_name
+from ctrace.genesets import BUNDLED_GMT_FILES, library_names
 
 DEMO = "demo"
 
@@ -211,15 +211,11 @@ def _check_files(config: dict) -> None:
                 problems.append(f"  models.{name}.checkpoint: {err}")
                 continue
             problems += _shape_problems(config, shape.n_layers, shape.d_model, name)
-    named_by: dict[str, str] = {}
+    try:
+        library_names(config["annotation"]["gene_sets"])
+    except CtraceInputError as err:
+        problems.append(f"  {err}")
     for entry in config["annotation"]["gene_sets"]:
-        name = library_name(entry)
-        if name in named_by:
-            problems.append(
-                f"  annotation.gene_sets: {named_by[name]!r} and {entry!r} are both library {name!r} (a GMT file is "
-                "named by its file stem); rename one of the files"
-            )
-        named_by.setdefault(name, entry)
         if entry not in BUNDLED_GMT_FILES and not Path(entry).is_file():
             problems.append(
                 f"  annotation.gene_sets: {entry!r} is neither a bundled library ({', '.join(BUNDLED_GMT_FILES)}) "

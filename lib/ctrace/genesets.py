@@ -36,20 +36,19 @@ def load_libraries(entries) -> dict[str, dict[str, frozenset[str]]]:
     from ctrace.enrichment import read_gmt
 
     bundled = bundled_gmt_paths()
-    libraries, named_by = {}, {}
+    return {name: read_gmt(bundled.get(entry, Path(entry))) for name, entry in library_names(entries).items()}
+
+
+def library_names(entries) -> dict[str, str]:
+    """Library name → gene_sets entry: a bundled library goes by its own name, a GMT file by its stem;
+    two entries of one name are an error."""
+    names: dict[str, str] = {}
     for entry in entries:
-        path = bundled.get(entry, Path(entry))
-        name = library_name(entry)
-        if name in named_by:
+        name = entry if entry in BUNDLED_GMT_FILES else Path(entry).stem
+        if name in names:
             raise CtraceInputError(
-                f"annotation.gene_sets: {named_by[name]!r} and {entry!r} are both library {name!r} (a GMT file is "
+                f"annotation.gene_sets: {names[name]!r} and {entry!r} are both library {name!r} (a GMT file is "
                 "named by its file stem); rename one of the files"
             )
-        named_by[name] = entry
-        libraries[name] = read_gmt(path)
-    return libraries
-
-
-def library_name(entry: str) -> str:
-    """The name a gene_sets entry goes by: a bundled library's own name, else the GMT file's stem."""
-    return entry if entry in BUNDLED_GMT_FILES else Path(entry).stem
+        names[name] = entry
+    return names

@@ -291,6 +291,10 @@ class SweepStats:
             raise CtraceInputError(
                 f"{path}: cannot read sweep statistics ({unreadable(err)}); re-run the sweep step"
             ) from None
+        sums = ("sum_SLG", "sumsq_SLG", "null_sum_SRLG", "null_sumsq_SRLG")
+        if not all(np.isfinite(kwargs[name]).all() for name in sums):
+            raise CtraceInputError(f"{path}: sums of δ hold NaN or inf, which would silently drop tests; re-run the "
+                                   "sweep in float32")
         return cls(**kwargs)
 
 
