@@ -166,3 +166,13 @@ def test_disease_domains_from_gmt(tmp_path):
     bad.write_text("only_name\n")
     with pytest.raises(CtraceInputError, match="line 1"):
         read_gmt(bad)
+
+
+def test_relabel_null_permutes_only_the_domains_of_model_b():
+    """B = {X→Y}: its domains are {X, Y}, so the two bijections give X→Y and Y→X, both in A: every draw
+    overlaps A in exactly 1 pair. Permuting all domains (Z too) would give (X→Y, Y→X, Z→X of the 6 ordered
+    pairs) an expected overlap of 0.5."""
+    pairs_a = {("X", "Y"), ("Y", "X"), ("Z", "X")}
+    res = relabel_null(pairs_a, {("X", "Y")}, n_permutations=50, seed=0)
+    assert np.all(res.null_values == 1.0) and res.expected == 1.0
+    assert res.fold == 1.0 and res.p_value == 1.0
