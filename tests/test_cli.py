@@ -285,6 +285,23 @@ def test_an_empty_source_selection_gives_an_empty_shard_and_empty_edges(bad_inpu
                  "--summary-tsv", outs["s.tsv"]]) == 0
     assert len(pd.read_parquet(outs["c.parquet"])) == 0
     assert json.loads(Path(outs["s.json"]).read_text())["corrected"]["edges"] == 0
+    # zero edges is a result: the biology steps downstream report it as empty, they do not fail on it
+    features, significant = tmp_path / "features.parquet", tmp_path / "significant.parquet"
+    pd.DataFrame({"layer": [0, 1], "feature": [1, 2], "top_genes": [["TP53"], ["MDM2"]]}).to_parquet(features)
+    pd.DataFrame({"layer": [0], "feature": [1], "library": ["h"], "term": ["T"], "q_value": [0.01],
+                  "p_value": [0.001]}).to_parquet(significant)
+    both = [outs["c.parquet"], outs["r.parquet"]]
+    where = ["--model", "gf", "--condition", "c"]
+    assert main(["validate", *where, "--edges", outs["c.parquet"], "--features", str(features),
+                 "--out", str(tmp_path / "v.json")]) == 0
+    assert main(["coherence", *where, "--edges", *both, "--significant", str(significant), "--features",
+                 str(features), "--n-permutations", "5", "--out-json", str(tmp_path / "coh.json"),
+                 "--out-top-edges", str(tmp_path / "top.tsv")]) == 0
+    assert json.loads((tmp_path / "coh.json").read_text())["corrected"]["n_edges_tested"] == 0
+    assert main(["consensus", "--model-a", "gf", "--model-b", "other", "--edges-a", *both, "--edges-b", *both,
+                 "--significant-a", str(significant), "--significant-b", str(significant), "--n-permutations", "5",
+                 "--out", str(tmp_path / "cons.json")]) == 0
+    assert json.loads((tmp_path / "cons.json").read_text())["corrected"]["all"]["observed"] == 0
 
 
 def test_non_numpy_files_and_bad_metrics_are_named_without_numpys_pickle_advice(tmp_path, capsys):
