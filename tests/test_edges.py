@@ -192,6 +192,9 @@ def test_summary_and_null(raw):
         f"0->{t}": int((edges["target_layer"] == t).sum()) for t in (1, 2) if (edges["target_layer"] == t).any()
     }
     assert summary["forward_passes"] == n_S.sum() and summary["wall_time_s"] == 1.0
+    assert summary["criteria"] == {"min_n": 3, "q_max": 0.05, "d_min": 0.5, "consistency_min": 0.7,
+                                   "reference_top_k": 50}
+    assert summary["swept_layer_pairs"] == ["0->1", "0->2"]  # what was tested, edges or not
     # null |d| from scipy on the raw null δ
     null_d = []
     for s in range(null.shape[0]):

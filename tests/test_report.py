@@ -27,6 +27,8 @@ def summary_record(rng, n_edges=40) -> dict:
         "real": {"abs_d_histogram": hist(1.0), "frac_pass_effect_filters": 0.2},
         "null": {"abs_d_histogram": hist(0.5), "frac_pass_effect_filters": 0.05},
         "abs_d_bin_edges": ABS_D_BIN_EDGES.tolist(),
+        "criteria": {"min_n": 3, "q_max": 0.05, "d_min": 0.5, "consistency_min": 0.7, "reference_top_k": 50},
+        "swept_layer_pairs": ["0->1", "0->2", "1->2"],
     }
     return {"corrected": mode, "reference": {**mode, "edges": 2 * n_edges}}
 
@@ -145,3 +147,63 @@ def test_failed_figure_write_leaves_the_old_report(tmp_path):
         write_report(bad, html, tmp_path / "figures")
     assert html.read_text() == before and len(list((tmp_path / "figures").iterdir())) == 7
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures as drawn (name → matplotlib Figure), kept open for inspection."""
+    import ctrace.report as report
+
+    figures = {}
+
+    def keep(fig, path, title, caption):
+        figures[path.name] = fig
+        return report.Figure(path.name, title, caption)
+
+    monkeypatch.setattr(report, "_save", keep)
+    yield figures
+    report.plt.close("all")
+
+
+def _with_summaries(inputs: ReportInputs, **mode_fields) -> ReportInputs:
+    summaries = [{**s, **{m: {**s[m], **mode_fields} for m in ("corrected", "reference")}} for s in inputs.summaries]
+    return ReportInputs(**{**inputs.__dict__, "summaries": summaries})
+
+
+def test_pct_negative_bars_stand_over_their_own_layer_pair_when_modes_differ(tmp_path, drawn):
+    """corrected: edges in 0→1 (all d<0) and 1→2 (none); reference: 0→1, 0→2, 1→2."""
+    inputs = make_inputs()
+    rows = [("ma", "corrected", "c1", 0, 1, 1, 1, -1.0), ("ma", "corrected", "c1", 1, 1, 2, 1, 1.0),
+            *[("ma", "reference", "c1", s, 1, t, 1, -1.0) for s, t in ((0, 1), (0, 2), (1, 2))]]
+    edges = pd.DataFrame(rows, columns=inputs.edges.columns)
+    write_report(ReportInputs(**{**inputs.__dict__, "edges": edges}), tmp_path / "i.html", tmp_path / "f")
+    ax = drawn["pct_d_negative_by_layer_pair.png"].axes[0]  # model ma
+    ticks = {round(t, 6): label.get_text() for t, label in zip(ax.get_xticks(), ax.get_xticklabels())}
+    corrected = {ticks[round(b.get_x() + b.get_width(), 6)]: b.get_height() for b in ax.containers[0]}
+    reference = {ticks[round(b.get_x(), 6)]: b.get_height() for b in ax.containers[1]}
+    assert corrected["0→1"] == 100.0 and corrected["1→2"] == 0.0 and np.isnan(corrected["0→2"])
+    assert reference == {"0→1": 100.0, "0→2": 100.0, "1→2": 100.0}
+
+
+def test_thresholds_on_the_page_and_figure_are_the_recorded_ones(tmp_path, drawn):
+    criteria = {"min_n": 5, "q_max": 0.01, "d_min": 1.0, "consistency_min": 0.8, "reference_top_k": 20}
+    html = tmp_path / "i.html"
+    write_report(_with_summaries(make_inputs(), criteria=criteria), html, tmp_path / "f")
+    text = html.read_text()
+    assert "q &lt; 0.01, |d| ≥ 1, sign-consistency ≥ 0.8, n ≥ 5" in text and "top-20 cap" in text
+    lines = [line.get_xdata()[0] for line in drawn["abs_d_real_vs_null.png"].axes[0].lines if line.get_xdata()[0] == line.get_xdata()[1]]
+    assert lines == [1.0]
+    older = tmp_path / "old.html"
+    inputs = make_inputs()
+    old_summaries = [{**s, **{m: {k: v for k, v in s[m].items() if k != "criteria"} for m in ("corrected", "reference")}}
+                     for s in inputs.summaries]
+    write_report(ReportInputs(**{**inputs.__dict__, "summaries": old_summaries}), older, tmp_path / "f")
+    assert "do not record their thresholds" in older.read_text()
+
+
+def test_heatmap_masks_the_layer_pairs_that_were_not_swept(tmp_path, drawn):
+    """Only source layer 0 was swept: 1→2 is white (masked), not a tested pair with 0 edges."""
+    inputs = _with_summaries(make_inputs(), swept_layer_pairs=["0->1", "0->2"])
+    write_report(inputs, tmp_path / "i.html", tmp_path / "f")
+    shown = drawn["layer_heatmap.png"].axes[0].images[0].get_array()
+    assert shown.mask.tolist() == [[True, False, False], [True, True, True], [True, True, True]]

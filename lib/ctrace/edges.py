@@ -15,7 +15,7 @@ max(#δ>0, n − #δ>0)/n > 0.7 (zeros count as non-positive), then the top 50 t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -219,7 +219,8 @@ def _histogram(x: np.ndarray) -> list[int]:
 def summarize_edges(
     edges: pd.DataFrame, stats: SweepStats | Sequence[SweepStats], criteria: EdgeCriteria = EdgeCriteria()
 ) -> dict:
-    """Per-condition summary (JSON-ready): edge counts and |d|, per layer pair, cost, and the null |d|.
+    """Per-condition summary (JSON-ready): edge counts and |d|, per layer pair, cost, the null |d|, the edge
+    criteria used and the (source layer, target layer) pairs the statistics cover (`swept_layer_pairs`).
 
     `real`/`null`: quantiles and a histogram (bins `abs_d_bin_edges`) of |d| over all tests (not only
     edges) of the real and random-direction ablations, and the fraction of tests passing the effect filters |d| ≥ d_min and sign-consistency ≥
@@ -273,6 +274,8 @@ def summarize_edges(
             "abs_d_histogram": _histogram(null_d),
         },
         "abs_d_bin_edges": ABS_D_BIN_EDGES.tolist(),
+        "criteria": asdict(criteria),
+        "swept_layer_pairs": sorted({f"{p.source_layer}->{int(t)}" for p in parts for t in p.target_layers_L}),
     }
 
 

@@ -80,6 +80,40 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def _criteria(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct edge criteria recorded in edge summaries (none for summaries of an older ctrace)."""
+    found = []
+    for s in summaries:
+        c = s[MODES[0]].get("criteria")
+        if c is not None and c not in found:
+            found.append(c)
+    return found
+
+
+def _swept_layer_pairs(summaries: Sequence[dict[str, Any]]) -> set[tuple[int, int]] | None:
+    """(source layer, target layer) pairs the summaries' statistics cover; None when none records them."""
+    recorded = [s[MODES[0]]["swept_layer_pairs"] for s in summaries if "swept_layer_pairs" in s[MODES[0]]]
+    if not recorded:
+        return None
+    return {tuple(int(x) for x in pair.split("->")) for pairs in recorded for pair in pairs}
+
+
+def _criteria_note(inputs: ReportInputs) -> str:
+    """What the two edge modes call an edge, with the thresholds the summaries record."""
+    found = _criteria(inputs.summaries)
+    if len(found) == 1:
+        c = found[0]
+        return (f"<b>corrected</b>: q &lt; {_fmt(c['q_max'])}, |d| ≥ {_fmt(c['d_min'])}, sign-consistency ≥ "
+                f"{_fmt(c['consistency_min'])}, n ≥ {c['min_n']}; <b>reference</b>: the published study's call "
+                f"(|d| &gt; {_fmt(c['d_min'])}, consistency &gt; {_fmt(c['consistency_min'])}, top-"
+                f"{c['reference_top_k']} cap), for comparison.")
+    if found:
+        listed = "; ".join(html.escape(", ".join(f"{k} {v}" for k, v in c.items())) for c in found)
+        return f"<b>corrected</b> and <b>reference</b> edge calls; the conditions used different thresholds: {listed}."
+    return ("<b>corrected</b> and <b>reference</b> edge calls; these summaries do not record their thresholds "
+            "(written by an older ctrace: re-run the edges step to record them).")
+
+
 # ───────────────────────────────────────── figures ─────────────────────────────────────────
 
 
@@ -114,7 +148,8 @@ def fig_abs_d(inputs: ReportInputs, path: Path) -> Figure:
         for counts, label, style in ((real, "feature ablations", "-"), (null, "random directions (null)", "--")):
             density = counts / max(counts.sum(), 1)
             ax.stairs(density, edges_, label=f"{label} (n={int(counts.sum()):,})", linestyle=style)
-        ax.axvline(0.5, color="grey", lw=0.8)
+        for d_min in sorted({c["d_min"] for c in _criteria(rows)}):
+            ax.axvline(d_min, color="grey", lw=0.8)
         ax.set(xscale="log", yscale="log", title=model, xlabel="|Cohen's d| per (source, target) test",
                ylabel="fraction of tests", xlim=(1e-2, 1e2))
         ax.legend(fontsize=7)
@@ -142,11 +177,17 @@ def fig_pct_negative(inputs: ReportInputs, path: Path) -> Figure:
     fig, axes = _axes_row(len(models), width=5.0)
     for ax, model in zip(axes, models):
         width = 0.4
+        tables = {mode: _layer_pair_table(inputs.edges, model, mode) for mode in MODES}
+        # one x position per layer pair of either mode: a mode without edges in a pair has no bar there
+        pairs = sorted({(int(s), int(t)) for tab in tables.values()
+                        for s, t in zip(tab.get("source_layer", []), tab.get("target_layer", []))})
+        x = np.arange(len(pairs))
         for i, mode in enumerate(MODES):
-            t = _layer_pair_table(inputs.edges, model, mode)
-            x = np.arange(len(t))
-            ax.bar(x + (i - 0.5) * width, t["pct_negative"], width, label=mode)
-            ax.set_xticks(x, t["pair"], rotation=45, fontsize=8)
+            t = tables[mode]
+            by_pair = dict(zip(zip(t.get("source_layer", []), t.get("target_layer", [])), t["pct_negative"]))
+            heights = [by_pair.get(pair, np.nan) for pair in pairs]
+            ax.bar(x + (i - 0.5) * width, heights, width, label=mode)
+        ax.set_xticks(x, [f"{s}→{t}" for s, t in pairs], rotation=45, fontsize=8)
         ax.axhline(50, color="grey", lw=0.8)
         ax.set(title=model, xlabel="source → target layer", ylabel="% edges with d < 0", ylim=(0, 100))
         ax.legend(fontsize=8)
@@ -162,7 +203,8 @@ def fig_layer_heatmap(inputs: ReportInputs, path: Path) -> Figure:
                              squeeze=False)
     for col, model in enumerate(models):
         e_model = inputs.edges[inputs.edges["model"] == model]
-        layers = sorted(set(e_model["source_layer"]) | set(e_model["target_layer"]))
+        swept = _swept_layer_pairs([s for s in inputs.summaries if s["model"] == model])
+        layers = sorted(set(e_model["source_layer"]) | set(e_model["target_layer"]) | {x for pair in swept or () for x in pair})
         for row, mode in enumerate(MODES):
             ax = axes[row][col]
             e = e_model[e_model["mode"] == mode]
@@ -170,10 +212,16 @@ def fig_layer_heatmap(inputs: ReportInputs, path: Path) -> Figure:
             index = {layer: i for i, layer in enumerate(layers)}
             for (s, t), c in e.groupby(["source_layer", "target_layer"]).size().items():
                 counts[index[s], index[t]] = c
-            shown = np.ma.masked_array(counts, mask=~np.triu(np.ones_like(counts, dtype=bool), k=1))
+            if swept is None:  # summaries of an older ctrace: every pair above the diagonal counts as swept
+                tested = np.triu(np.ones_like(counts, dtype=bool), k=1)
+            else:
+                tested = np.zeros_like(counts, dtype=bool)
+                for s, t in swept:
+                    tested[index[s], index[t]] = True
+            shown = np.ma.masked_array(counts, mask=~tested)
             image = ax.imshow(shown, cmap="viridis", vmin=0)
             for i in range(len(layers)):
-                for j in range(i + 1, len(layers)):
+                for j in range(len(layers)):
                     if counts[i, j]:
                         light = counts[i, j] > 0.6 * counts.max()  # dark text on the bright end of viridis
                         ax.text(j, i, f"{counts[i, j]:,}", ha="center", va="center", fontsize=7,
@@ -184,8 +232,8 @@ def fig_layer_heatmap(inputs: ReportInputs, path: Path) -> Figure:
             fig.colorbar(image, ax=ax, shrink=0.8)
     return _save(fig, path, "Edges per source × target layer",
                   "Number of edges (all conditions) from each source layer (rows) to each later target layer "
-                  "(columns), per model and edge mode. Only cells above the diagonal exist (white: not tested): "
-                  "an ablation only acts downstream.")
+                  "(columns), per model and edge mode. White: layer pairs not swept — an ablation only acts "
+                  "downstream, and only the configured source layers are ablated.")
 
 
 def fig_coherence(inputs: ReportInputs, path: Path) -> Figure:
@@ -381,8 +429,7 @@ def write_report(inputs: ReportInputs, html_path: str | os.PathLike, figures_dir
         "<!doctype html><html><head><meta charset='utf-8'><title>ctrace report</title>",
         f"<style>{_CSS}</style></head><body><h1>ctrace report</h1>",
         "<p class='note'>Edges: source feature → target feature, d = paired Cohen's d of the target's response "
-        "to ablating the source (d &lt; 0: the target drops). <b>corrected</b>: q &lt; 0.05, |d| ≥ 0.5, "
-        "sign-consistency ≥ 0.7; <b>reference</b>: the published study's call (top-50 cap), for comparison.</p>",
+        f"to ablating the source (d &lt; 0: the target drops). {_criteria_note(inputs)}</p>",
         "<h2>Per-condition summary</h2>", _table(summary_table(inputs)),
         "<h2>SAE quality</h2>", _table(inputs.sae_quality), _figure(by_name["sae_quality.png"], rel),
         "<h2>Edges</h2>",
