@@ -107,6 +107,14 @@ def bad_inputs(tmp_path_factory):
     TokenizedCells(ids - 100, offsets, None, names).save(root / "negative_cells.npz")
     files["bad_args_scgpt"] = fx.write_tiny_scgpt(root / "bad_args", n_layers=1, embsize=16, nheads=2)
     (files["bad_args_scgpt"] / "args.json").write_text("{not json")
+    files["scgpt_model"] = fx.write_tiny_scgpt(root / "scgpt", n_layers=1, embsize=16, nheads=2)
+    (root / "tf_latin1.tsv").write_bytes("TP53\tMDM2\tActivation\t1\nSTAT1\tIRF1\tActivation\tpr\xe9\n".encode("latin-1"))
+    pd.DataFrame({"model": ["gf"], "mode": ["corrected"], "condition": ["c"], "source_layer": [0],
+                  "source_feature": [1], "target_layer": [1], "target_feature": [2], "cohens_d": [1.0],
+                  }).to_parquet(root / "one_edge.parquet")
+    pd.DataFrame({"layer": [0, 1], "feature": [1, 2], "top_genes": [["TP53"], ["MDM2"]]}).to_parquet(
+        root / "top_genes.parquet"
+    )
     from ctrace.data import demo_anndata
 
     demo = demo_anndata()
@@ -152,6 +160,16 @@ def _bad_cases(f):
                                       "--condition", "c", "--h5ad", str(f["demo_h5ad"]), "--cells",
                                       str(root / "cells_a.tsv"), "--out-trace", "t", "--out-sae", "s", "--report",
                                       "r"], r"bad_args/scgpt_model/args.json: not valid JSON"),
+        "gene column of Ensembl ids for scGPT": (["tokenize", "--kind", "scgpt", "--checkpoint", str(f["scgpt_model"]),
+                                                  "--condition", "c", "--h5ad", str(f["demo_h5ad"]), "--cells",
+                                                  str(root / "cells_a.tsv"), "--gene-column", "ensembl_id",
+                                                  "--out-trace", "t", "--out-sae", "s", "--report", "r"],
+                                                 r"demo.h5ad \(condition c, gene column 'ensembl_id': config "
+                                                 r"conditions.c.gene_column, --gene-column\): gene ids: none of the"),
+        "TF table not UTF-8": (["validate", "--model", "gf", "--condition", "c", "--edges",
+                                str(root / "one_edge.parquet"), "--features", str(root / "top_genes.parquet"),
+                                "--tf-targets", str(root / "tf_latin1.tsv"), *out],
+                               "tf_latin1.tsv: not UTF-8 text .*expected the TRRUST raw-data layout"),
         "layer the model lacks": (["dump-activations", *gf, "--tokenized", str(root / "gf_cells.npz"),
                                    "--layer", "5", "--out-stem", str(root / "d")], "layer 5 out of range 0..1"),
         "truncated tokenized file": (["dump-activations", *gf, "--tokenized", str(root / "trunc.npz"),
@@ -184,7 +202,8 @@ def _bad_cases(f):
 @pytest.mark.parametrize(
     "case",
     ["h5ad not AnnData", "cell table without split", "cells tokenized for scGPT", "token ids of another vocabulary",
-     "negative token ids", "scGPT args.json not JSON", "layer the model lacks", "truncated tokenized file", "negative shard", "sources without feature column",
+     "negative token ids", "scGPT args.json not JSON", "gene column of Ensembl ids for scGPT", "TF table not UTF-8",
+     "layer the model lacks", "truncated tokenized file", "negative shard", "sources without feature column",
      "truncated shard", "annotation of another SAE", "empty metrics", "coherence JSON as an edge summary",
      "CSV as an edge table"],
 )

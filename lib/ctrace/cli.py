@@ -6,6 +6,7 @@ Input errors (CtraceInputError) are printed as one clear message with exit statu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -133,6 +134,18 @@ def cmd_select_cells(args) -> None:
              len(names), len(trace), len(sae), len(np.intersect1d(trace, sae)))
 
 
+@contextlib.contextmanager
+def _naming_the_gene_column(args):
+    """Tokenizer input errors (no gene in the vocabulary, …) name the file, the condition and the setting."""
+    try:
+        yield
+    except CtraceInputError as err:
+        raise CtraceInputError(
+            f"{args.h5ad} (condition {args.condition}, gene column {args.gene_column!r}: config "
+            f"conditions.{args.condition}.gene_column, --gene-column): {err}"
+        ) from None
+
+
 def cmd_tokenize(args) -> None:
     import numpy as np
 
@@ -162,19 +175,22 @@ def cmd_tokenize(args) -> None:
             tokenize.GENEFORMER_INPUT_SIZE[args.version],
             read_geneformer_config(args.checkpoint)["max_position_embeddings"],
         )
-        tokenized, report = tokenize.tokenize_geneformer(
-            data.counts_CG, data.gene_ids, data.n_counts_C, dicts, data.obs_names, max_tokens
-        )
+        with _naming_the_gene_column(args):
+            tokenized, report = tokenize.tokenize_geneformer(
+                data.counts_CG, data.gene_ids, data.n_counts_C, dicts, data.obs_names, max_tokens
+            )
     else:
         from ctrace.models.scgpt import read_scgpt_args
         from ctrace.vocab import load_scgpt_vocab
 
         _, model_args = read_scgpt_args(args.checkpoint)
-        tokenized, report = tokenize.tokenize_scgpt(
-            data.counts_CG, data.gene_ids, load_scgpt_vocab(args.checkpoint), data.obs_names,
-            max_seq_len=args.max_seq_len, n_bins=model_args.n_bins or 51, pad_value=model_args.pad_value,
-            seed=args.seed,
-        )
+        vocab = load_scgpt_vocab(args.checkpoint)
+        with _naming_the_gene_column(args):
+            tokenized, report = tokenize.tokenize_scgpt(
+                data.counts_CG, data.gene_ids, vocab, data.obs_names,
+                max_seq_len=args.max_seq_len, n_bins=model_args.n_bins or 51, pad_value=model_args.pad_value,
+                seed=args.seed,
+            )
     summary = {"condition": args.condition, "model_kind": args.kind, **report.to_dict(), "splits": {}}
     for name, out in (("trace", args.out_trace), ("sae", args.out_sae)):
         wanted = cells.loc[cells["split"] == name, "obs_name"]

@@ -595,29 +595,33 @@ def load_tf_targets(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise CtraceInputError(f"{path}: TF→target table not found; {TRRUST_LAYOUT}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.readlines()
+    except UnicodeDecodeError as err:
+        raise CtraceInputError(f"{path}: not UTF-8 text ({err}); {TRRUST_LAYOUT}") from None
     rows: list[tuple[str, str, str, str]] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if number == 1 and len(parts) >= 3 and parts[2] not in TF_MODES and parts[0].strip().lower() in (
-                "tf", "source", "regulator", "tf_name", "#tf"
-            ):
-                continue
-            if len(parts) not in (3, 4):
-                raise CtraceInputError(
-                    f"{path}, line {number}: {len(parts)} tab-separated fields, expected 4; {TRRUST_LAYOUT}"
-                )
-            tf, target, mode = parts[0].strip(), parts[1].strip(), parts[2].strip()
-            if mode not in TF_MODES:
-                raise CtraceInputError(
-                    f"{path}, line {number}: mode {mode!r} is not one of {list(TF_MODES)}; {TRRUST_LAYOUT}"
-                )
-            if not tf or not target:
-                raise CtraceInputError(f"{path}, line {number}: empty TF or target name; {TRRUST_LAYOUT}")
-            rows.append((tf, target, mode, parts[3].strip() if len(parts) == 4 else ""))
+    for number, line in enumerate(lines, 1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if number == 1 and len(parts) >= 3 and parts[2] not in TF_MODES and parts[0].strip().lower() in (
+            "tf", "source", "regulator", "tf_name", "#tf"
+        ):
+            continue
+        if len(parts) not in (3, 4):
+            raise CtraceInputError(
+                f"{path}, line {number}: {len(parts)} tab-separated fields, expected 4; {TRRUST_LAYOUT}"
+            )
+        tf, target, mode = parts[0].strip(), parts[1].strip(), parts[2].strip()
+        if mode not in TF_MODES:
+            raise CtraceInputError(
+                f"{path}, line {number}: mode {mode!r} is not one of {list(TF_MODES)}; {TRRUST_LAYOUT}"
+            )
+        if not tf or not target:
+            raise CtraceInputError(f"{path}, line {number}: empty TF or target name; {TRRUST_LAYOUT}")
+        rows.append((tf, target, mode, parts[3].strip() if len(parts) == 4 else ""))
     if not rows:
         raise CtraceInputError(f"{path}: no TF→target rows; {TRRUST_LAYOUT}")
     return pd.DataFrame(rows, columns=["tf", "target", "mode", "pmids"])
