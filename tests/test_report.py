@@ -207,3 +207,12 @@ def test_heatmap_masks_the_layer_pairs_that_were_not_swept(tmp_path, drawn):
     write_report(inputs, tmp_path / "i.html", tmp_path / "f")
     shown = drawn["layer_heatmap.png"].axes[0].images[0].get_array()
     assert shown.mask.tolist() == [[True, False, False], [True, True, True], [True, True, True]]
+
+
+def test_sae_quality_axis_shows_a_failed_fit_above_fvu_1(tmp_path, drawn):
+    inputs = make_inputs()
+    quality = inputs.sae_quality.copy()
+    quality.loc[0, "heldout_fvu"] = 3.0  # worse than predicting the mean
+    write_report(ReportInputs(**{**inputs.__dict__, "sae_quality": quality}), tmp_path / "i.html", tmp_path / "f")
+    assert drawn["sae_quality.png"].axes[0].get_ylim()[1] >= 3.0
+    assert drawn["sae_quality.png"].axes[1].get_ylim() == (0.0, 1.05)

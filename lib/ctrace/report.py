@@ -128,7 +128,9 @@ def fig_sae_quality(inputs: ReportInputs, path: Path) -> Figure:
         for layer, dead in zip(q["layer"], q["dead_fraction"]):
             if dead > 0:
                 ax.annotate(f"dead {dead:.0%}", (layer, 0.02), fontsize=7, ha="center")
-        ax.set(title=f"{model} / {sae_set}", xlabel="layer", ylabel="held-out FVU", ylim=(0, 1.05))
+        # an FVU above 1 (a failed fit, worse than the mean) stays on the axis
+        top = max(1.05, 1.05 * float(np.nanmax([*q["heldout_fvu"], *q["heldout_pca_fvu"], 0.0])))
+        ax.set(title=f"{model} / {sae_set}", xlabel="layer", ylabel="held-out FVU", ylim=(0, top))
         ax.set_xticks(q["layer"])
         ax.legend(fontsize=8)
     return _save(fig, path, "SAE quality",
