@@ -528,22 +528,29 @@ def test_tiny_real_model_batched_equals_one_at_a_time(tmp_path, kind, source, ta
     _assert_exactly_zero(zero)
 
 
-def test_tiny_real_geneformer_sweep_under_bf16_autocast(tmp_path):
-    """autocast_bf16 (a GPU option; CPU autocast runs the same code path): the same firing counts as
-    fp32, sums close to fp32's, and the no-op control still exactly 0."""
+@pytest.mark.parametrize("kind", ["geneformer", "scgpt"])
+def test_tiny_real_model_sweep_under_bf16_autocast(tmp_path, kind):
+    """autocast_bf16 (a GPU option; CPU autocast runs the same code path): bf16 really changes the sums
+    (autocast is not ignored), yet they stay close to fp32's; firing counts differ by at most one cell
+    (the clean pass, hence the source codes, run in bf16 too); the no-op control is still exactly 0."""
     from ctrace.models import load_backend
 
-    backend = load_backend("geneformer", *_tiny_real_model(tmp_path))
+    backend = load_backend(kind, *_tiny_real_model(tmp_path, kind))
     cells, saes = _tiny_cells_and_saes(backend)
     fp32 = run_sweep(backend, saes, cells, 0, TINY_FEATS, [1, 2], SweepConfig(ablations_per_batch=4))
     bf16 = run_sweep(
         backend, saes, cells, 0, TINY_FEATS, [1, 2], SweepConfig(ablations_per_batch=4, autocast_bf16=True)
     )
-    np.testing.assert_array_equal(bf16.n_S, fp32.n_S)
+    assert np.abs(bf16.n_S - fp32.n_S).max() <= 1
+    same = bf16.n_S == fp32.n_S  # sums over the same cells are comparable
+    assert same.sum() >= len(same) - 1
     assert bf16.sum_SLG.dtype == np.float64 and np.abs(bf16.sum_SLG).max() > 1e-3
-    scale = np.abs(fp32.sum_SLG).max()
-    assert np.abs(bf16.sum_SLG - fp32.sum_SLG).max() <= 0.1 * scale
-    assert np.corrcoef(bf16.sum_SLG.ravel(), fp32.sum_SLG.ravel())[0, 1] > 0.95
+    diff = np.abs(bf16.sum_SLG - fp32.sum_SLG)[same]
+    # TopK membership can flip under bf16 (a target entering or leaving the top k), so bound the overall
+    # relative error (measured: Geneformer 1e-4, scGPT 0.13), not every entry
+    assert np.linalg.norm(diff) <= 0.25 * np.linalg.norm(fp32.sum_SLG[same])
+    assert 0 < diff.max()  # autocast was not ignored
+    assert np.corrcoef(bf16.sum_SLG[same].ravel(), fp32.sum_SLG[same].ravel())[0, 1] > 0.95
     zero_cfg = SweepConfig(ablation_scale=0.0, null_draws=1, autocast_bf16=True)
     _assert_exactly_zero(run_sweep(backend, saes, cells, 0, TINY_FEATS, [1, 2], zero_cfg))
 
