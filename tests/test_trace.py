@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterator
 
@@ -413,6 +414,16 @@ def test_merge_rejects_overlap_and_mismatch(toy):
     e = run_sweep(backend, saes, cells[:4], 0, [5], [1], cfg)
     with pytest.raises(CtraceInputError, match=r"disagree on model: \['gf', 'gf_v2'\]"):
         merge_stats([dataclasses.replace(a, model="gf"), dataclasses.replace(e, model="gf_v2")])
+    # a shard swept after one SAE was refitted: same everything else, different weights
+    refit = {layer: copy.deepcopy(sae) for layer, sae in saes.items()}
+    with torch.no_grad():
+        refit[1].b_enc_F += 0.01
+    f = run_sweep(backend, refit, cells[:4], 0, [5], [1], cfg)
+    assert f.saes_digest != a.saes_digest == e.saes_digest != ""
+    with pytest.raises(CtraceInputError, match="swept with different SAEs"):
+        merge_stats([a, f])
+    assert merge_stats([a, e]).saes_digest == a.saes_digest
+    assert merge_stats([dataclasses.replace(a, saes_digest=""), f]).saes_digest == f.saes_digest  # older shard
     # a shard written before the model label was recorded ("") merges with labelled ones
     assert merge_stats([a, dataclasses.replace(e, model="gf")]).model == "gf"
     assert merge_stats([a, e]).model == ""
@@ -433,11 +444,12 @@ def test_save_load_roundtrip(toy, tmp_path):
         SweepStats.load(tmp_path / "bad.npz")
     dataclasses.replace(stats, model="gf").save(tmp_path / "labelled.npz")
     assert SweepStats.load(tmp_path / "labelled.npz").model == "gf"
-    # files written before the model label was recorded load with model ""
+    # files written before the model label and the SAE digest were recorded load with ""
     with np.load(tmp_path / "labelled.npz") as data:
-        older = {name: data[name] for name in data.files if name != "model"}
+        older = {name: data[name] for name in data.files if name not in ("model", "saes_digest")}
     np.savez(tmp_path / "older.npz", **older)
-    assert SweepStats.load(tmp_path / "older.npz").model == ""
+    assert SweepStats.load(tmp_path / "older.npz").model == "" == SweepStats.load(tmp_path / "older.npz").saes_digest
+    assert len(back.saes_digest) == 40
 
 
 def test_input_checks(toy):

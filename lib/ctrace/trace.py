@@ -174,6 +174,18 @@ def cells_digest(cells: Sequence[Cell]) -> str:
     return digest.hexdigest()
 
 
+def saes_digest(saes: dict[int, TopKSAE], layers: Sequence[int]) -> str:
+    """SHA-1 over the weights of the SAEs of `layers` (in order): shards may only be merged if swept with
+    the same SAEs (not, e.g., one shard before and one after a refit)."""
+    digest = hashlib.sha1()
+    for layer in layers:
+        digest.update(np.int64(layer).tobytes())
+        for name, tensor in sorted(saes[layer].state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------
 # statistics container
 # ---------------------------------------------------------------------------------------------------
@@ -208,6 +220,7 @@ class SweepStats:
     cells_digest: str = ""
     backend: str = ""
     model: str = ""  # the config's label of the model whose SAEs were used ("" = not recorded)
+    saes_digest: str = ""  # `saes_digest` of the source and target SAEs ("" = not recorded)
     forward_passes: int = 0  # ablated sequences run (real source features)
     null_forward_passes: int = 0  # ablated sequences run for the null directions
     clean_passes: int = 0  # clean sequences run: one per cell (blocks 0..L) + one per cell of each ablation pass
@@ -248,8 +261,8 @@ class SweepStats:
         "downstream_block_tokens",
     )
     _FLOATS = ("ablation_scale", "wall_time_s")
-    _STRS = ("response", "cells_digest", "backend", "model")
-    _OPTIONAL = {"model": ""}  # absent from files written before it was recorded
+    _STRS = ("response", "cells_digest", "backend", "model", "saes_digest")
+    _OPTIONAL = {"model": "", "saes_digest": ""}  # absent from files written before they were recorded
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an uncompressed .npz atomically (layout: see `SweepStats.load`)."""
@@ -273,7 +286,7 @@ class SweepStats:
         sumsq_SLG (S, L, G), null_sum_SRLG, null_sumsq_SRLG (S, R, L, G); 0-d int64 scalars source_layer,
         n_target_features, seed, null_draws, n_cells, forward_passes, null_forward_passes, clean_passes,
         clean_block_tokens, downstream_block_tokens; 0-d float64 ablation_scale, wall_time_s; 0-d str
-        response, cells_digest, backend, model (optional: "" when absent).
+        response, cells_digest, backend, model and saes_digest (the last two optional: "" when absent).
         """
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -344,6 +357,11 @@ def merge_stats(parts: Sequence[SweepStats]) -> SweepStats:
                 f"merge_stats: shards disagree on target layers: {first.target_layers_L.tolist()} vs "
                 f"{p.target_layers_L.tolist()}"
             )
+    if len({p.saes_digest for p in parts} - {""}) > 1:
+        raise CtraceInputError(
+            "merge_stats: shards were swept with different SAEs (saes_digest differs: an SAE was refitted "
+            "between shards); re-run the sweep shards of this layer"
+        )
     feats = np.concatenate([p.source_features_S for p in parts])
     uniq, counts = np.unique(feats, return_counts=True)
     if (counts > 1).any():
@@ -366,6 +384,7 @@ def merge_stats(parts: Sequence[SweepStats]) -> SweepStats:
         cells_digest=first.cells_digest,
         backend=first.backend,
         model=models.pop() if models else "",
+        saes_digest=next((p.saes_digest for p in parts if p.saes_digest), ""),
         forward_passes=sum(p.forward_passes for p in parts),
         null_forward_passes=sum(p.null_forward_passes for p in parts),
         clean_passes=sum(p.clean_passes for p in parts),
@@ -631,6 +650,7 @@ def run_sweep(
         null_draws=R,
         n_cells=len(cells),
         cells_digest=cells_digest(cells),
+        saes_digest=saes_digest(saes, [L, *targets]),
         backend=getattr(backend, "name", type(backend).__name__),
         wall_time_s=time.perf_counter() - t_start,
         **counters,
@@ -719,5 +739,6 @@ __all__ = [
     "merge_stats",
     "null_directions",
     "run_sweep",
+    "saes_digest",
     "select_source_features",
 ]
