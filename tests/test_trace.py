@@ -206,9 +206,15 @@ def toy(request):
     return backend, cells, saes
 
 
+@pytest.mark.parametrize("delta_chunk_rows", [None, 3])
 @pytest.mark.parametrize("response", ["firing", "all"])
-def test_batched_sweep_equals_one_at_a_time(toy, response):
+def test_batched_sweep_equals_one_at_a_time(toy, response, delta_chunk_rows, monkeypatch):
+    """delta_chunk_rows 3: the (ablated − clean) codes reduced to δ three (item, position) rows at a time."""
+    import ctrace.trace as trace
+
     backend, cells, saes = toy
+    if delta_chunk_rows:
+        monkeypatch.setattr(trace, "DELTA_CHUNK_BYTES", 8 * saes[1].shape.n_features * delta_chunk_rows)
     feats = [0, 3, 5, 7, 11, 19]
     # groups of 4 features ([0, 3, 5, 7], [11, 19]); a cell's ≤ 12 items of a group split into passes of ≤ 5
     cfg = SweepConfig(features_per_batch=4, ablations_per_batch=5, response=response, null_draws=2, seed=9)

@@ -51,6 +51,8 @@ from ctrace.sae import TopKSAE
 RESPONSES = ("firing", "all")
 SELECTION_STRATEGIES = ("top_frequency", "annotated", "random", "explicit", "all")
 STATS_FORMAT = "ctrace.sweep_stats/1"
+# The sweep reduces (ablated − clean) codes to per-item δ in pieces of at most this many float64 bytes.
+DELTA_CHUNK_BYTES = 256 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -702,12 +704,19 @@ def _ablation_batch(plan: _Plan, batch_c: Batch, h_CTD: torch.Tensor, z_CST: tor
     weight_IN = torch.zeros(I, item_N.numel(), dtype=torch.float64, device=device)
     weight_IN[item_N, torch.arange(item_N.numel(), device=device)] = inv_count_I[item_N]
     delta_ILG = torch.empty(I, len(plan.sae_slots), plan.acc_IXLG.shape[3], dtype=torch.float64, device=device)
+    N = item_N.numel()
+    chunk = max(1, DELTA_CHUNK_BYTES // (8 * delta_ILG.shape[2]))
 
     def response(slot: int, sae: TopKSAE, x_MD: torch.Tensor) -> None:
         with torch.autocast(device.type, enabled=False):
             # clean and ablated positions in ONE encode: identical inputs give bit-identical codes
             codes = sae.encode(x_MD.float())
-            delta_ILG[:, slot] = weight_IN @ (codes[U:] - codes[clean_of_N]).to(torch.float64)
+            # over N in chunks: the float64 (a − c) of every (item, position) at once would be N × G × 8 bytes
+            # (GBs with response "all" on long cells), several times a block's own activations
+            delta_ILG[:, slot] = 0
+            for lo in range(0, max(N, 1), chunk):
+                diff_nG = (codes[U + lo:U + lo + chunk] - codes[clean_of_N[lo:lo + chunk]]).to(torch.float64)
+                delta_ILG[:, slot] += weight_IN[:, lo:lo + chunk] @ diff_nG
 
     # The ablated rows differ from their clean row only where their source feature fires: block L+1
     # projects q/k/v there only.
